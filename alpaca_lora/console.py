@@ -1,0 +1,45 @@
+"""Console entry points: the one place that reads the command line and turns errors into an exit status.
+
+Each entry builds a fire command from a config dataclass, so `--help` lists every field with its default
+and help text, and turns a ValueError (the package's way of saying "bad input") into one line on stderr.
+"""
+
+import dataclasses
+import inspect
+import sys
+
+
+def _fire_command(config_cls, run, summary: str):
+    """A keyword-only function with config_cls's fields as flags, for fire; returns None so fire prints nothing."""
+
+    def command(**flags):
+        run(config_cls(**flags))
+
+    fields = dataclasses.fields(config_cls)
+    command.__signature__ = inspect.Signature([
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields])
+    command.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields)
+    return command
+
+
+def _run(prog: str, config_cls, run, summary: str) -> None:
+    import fire
+
+    try:
+        fire.Fire(_fire_command(config_cls, run, summary), name=prog)
+    except ValueError as error:
+        sys.exit(f"{prog}: error: {error}")
+
+
+def finetune() -> None:
+    from .train import TrainConfig, train
+
+    _run("finetune.py", TrainConfig, train, "Fine-tune a LLaMA-family model with LoRA on Alpaca-format data.")
+
+
+def make_demo_model() -> None:
+    from .demo import DemoConfig, build_demo_model
+
+    _run("make_demo_model.py", DemoConfig, build_demo_model,
+         "Build a tiny LLaMA-architecture model and tokenizer locally, for the demo and tests.")

@@ -1,0 +1,234 @@
+"""Data: Alpaca rows -> validated rows -> token ids with response-only targets -> micro-batches.
+
+Follow one row: `load_rows` reads `{instruction, input, output}` (or a self-instruct seed task, whose
+instances each become a row), `validate_rows` checks its fields, `tokenize_rows` builds
+
+    input_ids = [BOS] + prompt tokens + response tokens + [EOS]
+    targets   = the token that should follow each input position, -100 where no loss is taken
+
+The prompt and the response are tokenized separately and concatenated, so the boundary between the
+masked prompt and the trained response cannot shift (tokenizing the joined text and counting the
+prompt's tokens, as Stanford's train.py does, is off by one whenever a token spans the boundary).
+Targets are stored already shifted by one, so examples can be laid end to end (packing) without a
+label leaking across an example boundary.
+
+`plan_micro_batches` and `pad_collate` turn examples into padded micro-batches; the training loop
+takes any planner and collator of the same shape, so other batching schemes can replace them.
+"""
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that take no loss
+MAX_LISTED_BAD_ROWS = 5
+
+
+@dataclass
+class LoadedRows:
+    rows: list[dict]
+    source: str  # the file path or dataset id, for messages
+    sha256: str  # of the file's bytes, or the dataset's fingerprint
+    row_numbers: list[int]  # 1-based position of each row in the source (JSONL: its line number)
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    targets: list[int]  # targets[i] is the label for the token after input_ids[i], or IGNORE_INDEX
+    truncated: bool
+
+    @property
+    def num_targets(self) -> int:
+        return sum(t != IGNORE_INDEX for t in self.targets)
+
+
+@dataclass
+class TokenizedSet:
+    examples: list[Example]
+    num_truncated: int  # cut at cutoff_len: no EOS, response partly lost
+    num_without_targets: int  # dropped: the prompt alone filled cutoff_len
+    num_fitting: int  # fit whole, EOS included
+
+
+def load_rows(data_path: str) -> LoadedRows:
+    """Rows from a .json list, a .jsonl file, or a dataset id on the Hugging Face hub."""
+    path = Path(data_path)
+    if path.is_file():
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+        if path.suffix == ".jsonl":
+            records, numbers = _parse_jsonl(text, data_path)
+        else:
+            records = _parse_json(text, data_path)
+            numbers = list(range(1, len(records) + 1))
+        sha256 = hashlib.sha256(raw).hexdigest()
+    elif path.suffix in (".json", ".jsonl") or path.is_dir():
+        raise ValueError(f"--data_path {data_path}: no such file; pass an Alpaca-format .json or .jsonl file")
+    else:
+        records, sha256 = _load_hub_dataset(data_path)
+        numbers = list(range(1, len(records) + 1))
+    rows, row_numbers = _expand_seed_tasks(records, numbers)
+    return LoadedRows(rows=rows, source=data_path, sha256=sha256, row_numbers=row_numbers)
+
+
+def _parse_json(text: str, source: str) -> list:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{source}: expected a JSON list of {{instruction, input, output}} rows, got a {type(records).__name__}")
+    return records
+
+
+def _parse_jsonl(text: str, source: str) -> tuple[list, list[int]]:
+    records, numbers = [], []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source}: malformed JSON at line {line_number} column {error.colno}: {error.msg}") from None
+        numbers.append(line_number)
+    return records, numbers
+
+
+def _load_hub_dataset(dataset_id: str) -> tuple[list, str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split="train")
+    except Exception as error:  # offline, unknown id, gated: datasets raises many kinds
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"--data_path {dataset_id!r}: not a local file, and loading it from the Hugging Face hub failed "
+            f"({reason[:200]}); download it and pass the local .json/.jsonl file"
+        ) from None
+    return dataset.to_list(), dataset._fingerprint
+
+
+def _expand_seed_tasks(records: list, numbers: list[int]) -> tuple[list, list[int]]:
+    """Self-instruct seed tasks ({instruction, instances: [{input, output}]}) become one row per instance."""
+    rows, row_numbers = [], []
+    for record, number in zip(records, numbers):
+        if isinstance(record, dict) and "output" not in record and isinstance(record.get("instances"), list):
+            for instance in record["instances"]:
+                instance = instance if isinstance(instance, dict) else {"output": instance}
+                rows.append({"instruction": record.get("instruction"), "input": instance.get("input"),
+                             "output": instance.get("output")})
+                row_numbers.append(number)
+        else:
+            rows.append(record)
+            row_numbers.append(number)
+    return rows, row_numbers
+
+
+def row_problem(row) -> str | None:
+    """Why a row cannot be trained on, or None if it is fine."""
+    if not isinstance(row, dict):
+        return f"expected an object with instruction/input/output, got {type(row).__name__}"
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str):
+        return "'instruction' is missing" if instruction is None else f"'instruction' is not a string ({type(instruction).__name__})"
+    if not instruction.strip():
+        return "'instruction' is empty"
+    if row.get("input") is not None and not isinstance(row["input"], str):
+        return f"'input' is not a string ({type(row['input']).__name__})"
+    output = row.get("output")
+    if not isinstance(output, str):
+        return "'output' is missing" if output is None else f"'output' is not a string ({type(output).__name__})"
+    return None
+
+
+def validate_rows(loaded: LoadedRows, skip_bad_rows: bool) -> tuple[list[dict], int]:
+    """The good rows and how many bad ones were dropped; bad rows are an error unless skipped."""
+    problems = [(number, row_problem(row)) for row, number in zip(loaded.rows, loaded.row_numbers)]
+    bad = [(number, problem) for number, problem in problems if problem]
+    if bad and not skip_bad_rows:
+        listed = "; ".join(f"row {number}: {problem}" for number, problem in bad[:MAX_LISTED_BAD_ROWS])
+        more = f" (and {len(bad) - MAX_LISTED_BAD_ROWS} more)" if len(bad) > MAX_LISTED_BAD_ROWS else ""
+        raise ValueError(f"{loaded.source}: {len(bad)} bad row(s) of {len(problems)}: {listed}{more}; "
+                         "fix them or pass --skip_bad_rows to drop them")
+    good = [{"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+            for row, (_, problem) in zip(loaded.rows, problems) if not problem]
+    if not good:
+        raise ValueError(f"--data_path {loaded.source}: no usable rows; it needs Alpaca rows {{instruction, input, output}}")
+    return good, len(bad)
+
+
+def split_rows(rows: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random validation split of `val_set_size` rows; the rest, in file order, trains."""
+    if val_set_size >= len(rows):
+        raise ValueError(f"--val_set_size {val_set_size} is not smaller than the {len(rows)} usable rows; "
+                         "pass a smaller --val_set_size (0 for no validation)")
+    held_out = set(random.Random(seed).sample(range(len(rows)), val_set_size))
+    train = [row for i, row in enumerate(rows) if i not in held_out]
+    validation = [row for i, row in enumerate(rows) if i in held_out]
+    return train, validation
+
+
+def tokenize_rows(rows: list[dict], tokenizer, template, cutoff_len: int, train_on_inputs: bool) -> TokenizedSet:
+    """Token ids and shifted targets for every row; prompt and response tokenized separately, in batches."""
+    prompts = [template.prompt(row["instruction"], row["input"]) for row in rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([row["output"] for row in rows], add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    examples, num_truncated, num_without_targets = [], 0, 0
+    for prompt, response in zip(prompt_ids, response_ids):
+        prompt = ([bos] if bos is not None else []) + prompt
+        response = response + [eos]  # every example that fits ends with EOS, so the model learns to stop
+        input_ids = prompt + response
+        # labels[i] is what input position i is trained to be; the prompt is masked unless train_on_inputs.
+        labels = input_ids[:] if train_on_inputs else [IGNORE_INDEX] * len(prompt) + response
+        truncated = len(input_ids) > cutoff_len
+        if truncated:  # the tail is cut, EOS with it: the model must not learn to stop mid-answer
+            input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+            num_truncated += 1
+        targets = labels[1:] + [IGNORE_INDEX]  # position i predicts token i+1; the last predicts nothing
+        example = Example(input_ids=input_ids, targets=targets, truncated=truncated)
+        if example.num_targets == 0:
+            num_without_targets += 1
+            continue
+        examples.append(example)
+    return TokenizedSet(examples=examples, num_truncated=num_truncated, num_without_targets=num_without_targets,
+                        num_fitting=len(rows) - num_truncated)
+
+
+def plan_micro_batches(lengths: list[int], micro_batch_size: int, seed: int, epoch: int,
+                       group_by_length: bool, steps_group: int) -> list[list[int]]:
+    """One epoch's micro-batches as lists of example indices, the same on every process.
+
+    The order is a seeded shuffle per epoch. With group_by_length, the shuffled order is cut into
+    groups of `steps_group` micro-batches (one optimizer step's worth, times 50) and each group is sorted
+    by length, so a micro-batch holds examples of similar length and little padding, while the
+    order of groups stays random.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    if group_by_length:
+        group = micro_batch_size * steps_group * 50
+        order = [i for start in range(0, len(order), group)
+                 for i in sorted(order[start:start + group], key=lambda i: -lengths[i])]
+    return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+
+
+def pad_collate(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
+    """Right-pad a micro-batch to its longest example (rounded up, as alpaca-lora does) with an attention mask."""
+    width = max(len(e.input_ids) for e in examples)
+    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        targets[row, :n] = torch.tensor(example.targets)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}

@@ -1,0 +1,113 @@
+"""Model: the base model and tokenizer from a hub id or a folder, optionally 8-/4-bit, with LoRA attached."""
+
+import re
+from pathlib import Path
+
+import torch
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def fast_bf16_available(device: torch.device) -> bool:
+    """Whether bf16 matmuls run faster than fp32 here: Ampere+ GPUs, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no cheap way to tell, so stay with fp32
+            return False
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return False
+
+
+def _check_base_model(base_model: str) -> None:
+    """A missing local folder is named as such instead of being looked up on the hub."""
+    if Path(base_model).expanduser().exists():
+        return
+    if base_model.startswith((".", "/", "~")) or not _HUB_ID.match(base_model):
+        raise ValueError(f"--base_model {base_model}: no such folder; pass a local model folder or a hub id")
+
+
+def _loading_error(base_model: str, what: str, error: Exception) -> ValueError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"--base_model {base_model}: could not load its {what} ({reason[:200]}); "
+                      "pass a local folder holding a LLaMA-family model, or a hub id reachable from here")
+
+
+def load_tokenizer(base_model: str):
+    """The fast tokenizer, with a pad token that is not EOS (padding must never mask the EOS label)."""
+    from transformers import AutoTokenizer
+
+    _check_base_model(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+    except (OSError, ValueError) as error:
+        raise _loading_error(base_model, "tokenizer", error) from None
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--base_model {base_model}: the tokenizer has no EOS token; a model trained without one never stops")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # LLaMA ships no pad token; <unk> is what alpaca-lora pads with (id 0). Any other special
+        # token that is neither BOS nor EOS will do: padded positions are masked out of attention and loss.
+        candidates = [tokenizer.unk_token] + list(tokenizer.all_special_tokens)
+        usable = [t for t in candidates if t is not None and t not in (tokenizer.eos_token, tokenizer.bos_token)]
+        if not usable:
+            raise ValueError(f"--base_model {base_model}: the tokenizer has no pad or unk token to pad with; "
+                             "add a pad token to its tokenizer_config.json")
+        tokenizer.pad_token = usable[0]
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(base_model: str, quantization: str | None, bf16: bool, device: torch.device):
+    """The base model on `device`; weights in bf16 or fp32, or 8-/4-bit through bitsandbytes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _check_base_model(base_model)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    quantization_config = None
+    if quantization == "8bit":
+        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization == "4bit":  # QLoRA's recipe: NF4 with double quantization
+        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_model, dtype=dtype, quantization_config=quantization_config, device_map={"": device})
+    except (OSError, ValueError) as error:
+        raise _loading_error(base_model, "weights", error) from None
+    if quantization == "4bit" and device.type == "cpu":
+        _keep_4bit_cpu_weights_unpacked(model)
+    model.config.use_cache = False  # training never reuses the KV cache
+    return model
+
+
+def _keep_4bit_cpu_weights_unpacked(model) -> None:
+    """bitsandbytes repacks 4-bit weights for AVX512-BF16 kernels on the first eval-mode forward, after
+    which the LoRA gradients silently become None or wrong. Opting out before any forward keeps them right."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules, use_dora: bool, use_rslora: bool,
+                gradient_checkpointing: bool, quantized: bool):
+    """Wrap the base in a peft LoRA model; only the adapter weights (kept in fp32) are trainable."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing_kwargs = {"use_reentrant": False}  # the non-reentrant form needs no input gradients
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
+                        task_type="CAUSAL_LM", use_dora=use_dora, use_rslora=use_rslora)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ValueError(f"--lora_target_modules {target_modules}: {first_line[:300]}; "
+                         "name linear layers of the model (e.g. q_proj,v_proj) or pass all-linear") from None
