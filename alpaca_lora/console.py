@@ -13,7 +13,7 @@ def _fire_command(config_cls, run, summary: str):
     """A keyword-only function with config_cls's fields as flags, for fire; returns None so fire prints nothing."""
 
     def command(**flags):
-        run(config_cls(**flags))
+        run(config_cls(**flags))  # fire would print a returned value
 
     fields = dataclasses.fields(config_cls)
     command.__signature__ = inspect.Signature([

@@ -19,7 +19,7 @@ def shipped_folder(name: str, packaged_name: str) -> Path:
     return inside if inside.is_dir() and not beside.is_dir() else beside
 
 
-TEMPLATES_DIR = shipped_folder("templates", "templates")
+TEMPLATES_DIR = shipped_folder("templates", "prompt_templates")
 TEMPLATE_FIELDS = ("description", "prompt_input", "prompt_no_input", "response_split")
 
 

@@ -156,8 +156,15 @@ def padded_loss(model, batch: dict) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> dict:
-    """Fine-tune and save the adapter; returns the training summary (also written to output_dir)."""
+@dataclass
+class TrainResult:
+    model: object  # the peft model as trained, adapter attached
+    summary: dict  # also written to output_dir/training_summary.json
+    history: list[dict]  # one record per optimizer step of this run, as in train_log.jsonl
+
+
+def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> TrainResult:
+    """Fine-tune and save the adapter folder."""
     from accelerate import Accelerator
 
     started = time.time()
@@ -316,7 +323,7 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> dic
             _finish_wandb(wandb_run, config, output_dir)
         say(f"saved the adapter to {output_dir}")
     accelerator.wait_for_everyone()
-    return summary
+    return TrainResult(model=model, summary=summary, history=history)
 
 
 def evaluate_loss(model, examples, micro_batch_size, pad_token_id, accelerator, autocast, collate, loss_sum) -> float:

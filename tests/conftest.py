@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny LLaMA built in about a second, small Alpaca files, the real LLaMA tokenizer."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+LLAMA_TOKENIZER = SHARED / "models" / "llama-tokenizer" / "tokenizer.model"
+ALPACA_CLEANED = SHARED / "data" / "alpaca_sample_cleaned.json"
+ALPACA_ORIGINAL = SHARED / "data" / "alpaca_sample_original.json"
+
+
+def needs_shared(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (../shared is not beside this clone)")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide LLaMA with random weights and a 512-piece SentencePiece tokenizer."""
+    from alpaca_lora.demo import DemoConfig, build_demo_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    return build_demo_model(DemoConfig(output_dir=str(folder), vocab_size=512, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, pretrain_steps=0))
+
+
+@pytest.fixture(scope="session")
+def alpaca_rows() -> list[dict]:
+    """48 Alpaca rows in the project's own words (the seed tasks), a third of them with an input."""
+    rows = []
+    for line in (REPO / "data" / "seed_tasks.jsonl").read_text().splitlines():
+        task = json.loads(line)
+        rows.append({"instruction": task["instruction"], "input": task["instances"][0]["input"],
+                     "output": task["instances"][0]["output"]})
+    return rows[:48]
+
+
+@pytest.fixture
+def alpaca_file(tmp_path, alpaca_rows) -> Path:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(alpaca_rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tmp_path_factory):
+    """The real LLaMA tokenizer from ../shared, loaded the way users load it: from a folder."""
+    if not LLAMA_TOKENIZER.exists():
+        pytest.skip(f"{LLAMA_TOKENIZER} is absent (../shared is not beside this clone)")
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("llama-tokenizer")
+    shutil.copy(LLAMA_TOKENIZER, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def run_script(*args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,175 @@
+import json
+
+import pytest
+from conftest import ALPACA_CLEANED, ALPACA_ORIGINAL, REPO, needs_shared
+
+from alpaca_lora.data import (IGNORE_INDEX, load_rows, pad_collate, plan_micro_batches, split_rows, tokenize_rows,
+                              validate_rows)
+from alpaca_lora.model import load_tokenizer
+from alpaca_lora.templates import load_template
+
+
+def test_json_and_jsonl_give_the_same_rows(tmp_path, alpaca_rows):
+    as_json, as_jsonl = tmp_path / "a.json", tmp_path / "a.jsonl"
+    as_json.write_text(json.dumps(alpaca_rows))
+    as_jsonl.write_text("\n".join(json.dumps(r) for r in alpaca_rows) + "\n\n")
+    assert load_rows(str(as_json)).rows == load_rows(str(as_jsonl)).rows == alpaca_rows
+    assert len(load_rows(str(as_json)).sha256) == 64
+
+
+def test_seed_tasks_become_one_row_per_instance(tmp_path):
+    path = tmp_path / "seed.jsonl"
+    path.write_text(json.dumps({"id": "t", "name": "n", "instruction": "Add.", "is_classification": False,
+                                "instances": [{"input": "1+1", "output": "2"}, {"input": "2+2", "output": "4"}]}))
+    loaded = load_rows(str(path))
+    assert loaded.rows == [{"instruction": "Add.", "input": "1+1", "output": "2"},
+                           {"instruction": "Add.", "input": "2+2", "output": "4"}]
+    assert loaded.row_numbers == [1, 1]
+
+
+def test_the_project_seed_tasks_are_complete_and_valid():
+    lines = (REPO / "data" / "seed_tasks.jsonl").read_text().splitlines()
+    tasks = [json.loads(line) for line in lines]
+    assert len(tasks) >= 175
+    assert len({t["id"] for t in tasks}) == len({t["name"] for t in tasks}) == len(tasks)
+    for task in tasks:
+        assert set(task) == {"id", "name", "instruction", "instances", "is_classification"}
+        assert isinstance(task["is_classification"], bool)
+    with_input = sum(bool(t["instances"][0]["input"]) for t in tasks)
+    assert 0.25 < with_input / len(tasks) < 0.45  # about a third have an input
+    rows, bad = validate_rows(load_rows(str(REPO / "data" / "seed_tasks.jsonl")), skip_bad_rows=False)
+    assert bad == 0 and len(rows) == len(tasks)
+
+
+def test_malformed_json_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]')
+    with pytest.raises(ValueError, match=r"bad.json: malformed JSON at line 3 column 23: Expecting .,. delimiter"):
+        load_rows(str(path))
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: malformed JSON at line 2 column 17"):
+        load_rows(str(lines))
+
+
+def test_bad_rows_are_named_by_number_and_reason(tmp_path):
+    rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "", "output": "x"}, {"output": "x"},
+            {"instruction": "a", "input": 3, "output": "x"}, {"instruction": "a", "output": None}, "text"]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError) as error:
+        validate_rows(load_rows(str(path)), skip_bad_rows=False)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 5 bad row(s) of 6: row 2: 'instruction' is empty; row 3: 'instruction' is missing; "
+                              "row 4: 'input' is not a string (int); row 5: 'output' is missing; row 6: expected an object")
+    assert "--skip_bad_rows" in message
+    good, dropped = validate_rows(load_rows(str(path)), skip_bad_rows=True)
+    assert good == [{"instruction": "ok", "input": "", "output": "fine"}] and dropped == 5
+
+
+def test_jsonl_bad_rows_are_named_by_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n')
+    with pytest.raises(ValueError, match="row 3: 'output' is missing"):
+        validate_rows(load_rows(str(path)), skip_bad_rows=False)
+
+
+def test_missing_file_and_unreachable_dataset_id(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"--data_path .*nope.json: no such file"):
+        load_rows(str(tmp_path / "nope.json"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=r"--data_path 'yahma/alpaca-cleaned': not a local file.*pass the local .json"):
+        load_rows("yahma/alpaca-cleaned")
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="no usable rows"):
+        validate_rows(load_rows(str(path)), skip_bad_rows=False)
+
+
+def test_validation_split_is_seeded_and_disjoint(alpaca_rows):
+    train, val = split_rows(alpaca_rows, 10, seed=1)
+    again_train, again_val = split_rows(alpaca_rows, 10, seed=1)
+    assert (train, val) == (again_train, again_val)
+    assert len(val) == 10 and len(train) == len(alpaca_rows) - 10
+    assert {json.dumps(r) for r in train}.isdisjoint(json.dumps(r) for r in val)
+    assert split_rows(alpaca_rows, 10, seed=2)[1] != val
+    assert split_rows(alpaca_rows, 0, seed=1) == (alpaca_rows, [])
+    with pytest.raises(ValueError, match=r"--val_set_size 48 is not smaller than the 48 usable rows"):
+        split_rows(alpaca_rows, 48, seed=1)
+
+
+def test_targets_mask_exactly_the_prompt(tiny_base):
+    tokenizer = load_tokenizer(str(tiny_base))
+    template = load_template("alpaca")
+    row = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    [example] = tokenize_rows([row], tokenizer, template, 256, train_on_inputs=False).examples
+    prompt = [tokenizer.bos_token_id] + tokenizer(template.prompt(row["instruction"]), add_special_tokens=False)["input_ids"]
+    response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    assert example.input_ids == prompt + response + [tokenizer.eos_token_id]
+    # position i is trained to predict token i+1: the last prompt position predicts the first response token
+    assert example.targets == [IGNORE_INDEX] * (len(prompt) - 1) + response + [tokenizer.eos_token_id, IGNORE_INDEX]
+    [with_inputs] = tokenize_rows([row], tokenizer, template, 256, train_on_inputs=True).examples
+    assert with_inputs.targets == example.input_ids[1:] + [IGNORE_INDEX]
+
+
+def test_truncated_examples_lose_eos_and_are_counted(tiny_base):
+    tokenizer = load_tokenizer(str(tiny_base))
+    template = load_template("alpaca_short")
+    rows = [{"instruction": "Hi.", "input": "", "output": "Hello."},
+            {"instruction": "Write.", "input": "", "output": "word " * 200},
+            {"instruction": "long " * 300, "input": "", "output": "x"}]
+    tokenized = tokenize_rows(rows, tokenizer, template, 64, train_on_inputs=False)
+    assert (tokenized.num_truncated, tokenized.num_without_targets, tokenized.num_fitting) == (2, 1, 1)
+    fitting, cut = tokenized.examples
+    assert fitting.targets[-2] == tokenizer.eos_token_id and not fitting.truncated
+    assert cut.truncated and len(cut.input_ids) == 64 and tokenizer.eos_token_id not in cut.input_ids
+
+
+@needs_shared(ALPACA_CLEANED)
+@pytest.mark.parametrize("data_file", [ALPACA_CLEANED, ALPACA_ORIGINAL], ids=["cleaned", "original"])
+@pytest.mark.parametrize("template_name", ["alpaca", "alpaca_legacy"])
+def test_trained_tokens_decode_to_exactly_the_response_and_eos(llama_tokenizer, data_file, template_name):
+    """With the real LLaMA tokenizer, on every real Alpaca row: the unmasked labels are the response, then EOS."""
+    rows, _ = validate_rows(load_rows(str(data_file)), skip_bad_rows=False)
+    examples = tokenize_rows(rows, llama_tokenizer, load_template(template_name), 100_000, False).examples
+    assert len(examples) == len(rows) > 2000
+    for row, example in zip(rows, examples):
+        trained = [t for t in example.targets if t != IGNORE_INDEX]
+        assert llama_tokenizer.decode(trained) == row["output"] + "</s>"
+        assert example.input_ids[0] == llama_tokenizer.bos_token_id == 1
+        assert trained[-1] == llama_tokenizer.eos_token_id == 2
+
+
+def test_micro_batch_plan_covers_every_example_once_per_epoch():
+    lengths = [5, 60, 7, 33, 12, 90, 2, 41, 18, 75, 3]
+    plan = plan_micro_batches(lengths, 3, seed=0, epoch=0, group_by_length=False, steps_group=1)
+    assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
+    assert plan == plan_micro_batches(lengths, 3, seed=0, epoch=0, group_by_length=False, steps_group=1)
+    assert plan != plan_micro_batches(lengths, 3, seed=0, epoch=1, group_by_length=False, steps_group=1)
+    grouped = plan_micro_batches(lengths, 3, seed=0, epoch=0, group_by_length=True, steps_group=1)
+    assert sorted(i for mb in grouped for i in mb) == list(range(len(lengths)))
+
+    def padded_tokens(p):
+        return sum(len(mb) * max(lengths[i] for i in mb) for mb in p)
+    assert padded_tokens(grouped) < padded_tokens(plan)
+
+
+def test_pad_collate_pads_right_to_a_multiple_of_8(tiny_base):
+    tokenizer = load_tokenizer(str(tiny_base))
+    rows = [{"instruction": "Hi.", "input": "", "output": "Hello."},
+            {"instruction": "Count to three.", "input": "", "output": "One, two, three."}]
+    examples = tokenize_rows(rows, tokenizer, load_template("alpaca_short"), 256, False).examples
+    batch = pad_collate(examples, tokenizer.pad_token_id)
+    width = max(len(e.input_ids) for e in examples)
+    assert batch["input_ids"].shape == (2, -(-width // 8) * 8)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        assert batch["input_ids"][row, :n].tolist() == example.input_ids
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+        assert set(batch["input_ids"][row, n:].tolist()) <= {tokenizer.pad_token_id}
+        assert set(batch["targets"][row, n:].tolist()) <= {IGNORE_INDEX}
