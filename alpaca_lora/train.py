@@ -12,6 +12,7 @@ gradients whether they are split over 1 process or many, padded or packed.
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -169,7 +170,10 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
 
     started = time.time()
     config = config.validated()
-    accelerator = Accelerator()  # one process, or DDP under torchrun / accelerate launch
+    # One process, or DDP under torchrun / accelerate launch. Without a GPU accelerate runs DDP (gloo)
+    # only when told it is on the CPU; a lone process keeps its default device (MPS included).
+    launched = "LOCAL_RANK" in os.environ
+    accelerator = Accelerator(cpu=launched and not torch.cuda.is_available())
     world_size, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     say = print if is_main else (lambda *args, **kwargs: None)
@@ -182,10 +186,10 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
 
     # ---- data: rows -> train/validation examples ----
     template = load_template(config.prompt_template_name)
+    tokenizer = load_tokenizer(config.base_model)  # first: a wrong --base_model fails before any data is read
     loaded = load_rows(config.data_path)
     rows, num_bad = validate_rows(loaded, config.skip_bad_rows)
     train_rows, val_rows = split_rows(rows, config.val_set_size, config.seed)
-    tokenizer = load_tokenizer(config.base_model)
     train_set = tokenize_rows(train_rows, tokenizer, template, config.cutoff_len, config.train_on_inputs)
     val_set = tokenize_rows(val_rows, tokenizer, template, config.cutoff_len, config.train_on_inputs)
     if train_set.num_fitting == 0:

@@ -1,0 +1,231 @@
+import json
+import os
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+from conftest import REPO, run_script
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from alpaca_lora.train import TrainConfig, train
+
+
+def tiny_config(base, data, out, **overrides) -> TrainConfig:
+    """40 training rows, 8 held out: 5 steps of 8 examples per epoch, fp32 so results are exact."""
+    settings = dict(base_model=str(base), data_path=str(data), output_dir=str(out), batch_size=8, micro_batch_size=4,
+                    num_epochs=1, val_set_size=8, cutoff_len=512, learning_rate=1e-2, warmup_steps=1,
+                    logging_steps=1, eval_steps=100, save_steps=100, bf16=False, seed=0)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def losses(history):
+    return [record["loss"] for record in history]
+
+
+def test_training_writes_a_self_describing_adapter(tiny_base, alpaca_file, tmp_path):
+    out = tmp_path / "adapter"
+    result = train(tiny_config(tiny_base, alpaca_file, out, num_epochs=2, eval_steps=5))
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+            "training_summary.json", "README.md", "validation_rows.json", "train_log.jsonl"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["base_model"] == str(tiny_base)
+    assert summary["prompt_template"]["name"] == "alpaca" and "{instruction}" in summary["prompt_template"]["prompt_no_input"]
+    assert summary["arguments"]["lora_r"] == 8 and summary["arguments"]["world_size"] == 1
+    assert summary["data"]["rows"] == 48 and summary["data"]["train_rows"] == 40 and summary["data"]["validation_rows"] == 8
+    assert len(summary["data"]["sha256"]) == 64 and summary["data"]["truncated_examples"] >= 0
+    assert summary["steps"] == 10 and summary["precision"] == "fp32"
+    assert summary["final_train_loss"] == result.history[-1]["loss"]
+    assert summary["final_validation_loss"] == result.history[-1]["val_loss"] and "val_loss" in result.history[4]
+    assert summary["real_tokens_per_second"] > 0 and summary["wall_seconds"] > 0
+    assert len(json.loads((out / "validation_rows.json").read_text())) == 8
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert logged == json.loads(json.dumps(result.history))
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_base}" in card and "CC BY-NC 4.0" in card and "hallucinate" in card
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_base)
+
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    assert len(lora_b) == 4 and all(tensor.abs().sum() > 0 for tensor in lora_b)
+
+    # the saved adapter, reloaded the standard way, computes exactly what the trained model computes
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out).eval()
+    trained = result.model.eval()
+    input_ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits,
+                                   rtol=0, atol=0)
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_base)(input_ids=input_ids).logits
+    assert not torch.allclose(base_logits, trained(input_ids=input_ids).logits)
+
+
+def test_loss_falls(tiny_base, alpaca_file, tmp_path):
+    result = train(tiny_config(tiny_base, alpaca_file, tmp_path, num_epochs=4, lora_target_modules="all-linear",
+                               learning_rate=2e-2))
+    first_epoch, last_epoch = losses(result.history)[:5], losses(result.history)[-5:]
+    assert sum(last_epoch) / 5 < sum(first_epoch) / 5 - 0.05  # a random 2-layer base learns little more
+
+
+def test_step_loss_does_not_depend_on_how_the_batch_is_split(tiny_base, alpaca_file, tmp_path):
+    """One step = the mean over every target token of the global batch, however many micro-batches it takes."""
+    whole = train(tiny_config(tiny_base, alpaca_file, tmp_path / "a", micro_batch_size=8, lora_dropout=0.0))
+    split = train(tiny_config(tiny_base, alpaca_file, tmp_path / "b", micro_batch_size=2, lora_dropout=0.0))
+    assert losses(split.history) == pytest.approx(losses(whole.history), rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_base, alpaca_file, tmp_path):
+    plain = train(tiny_config(tiny_base, alpaca_file, tmp_path / "a"))
+    checkpointed = train(tiny_config(tiny_base, alpaca_file, tmp_path / "b", gradient_checkpointing=True))
+    assert losses(checkpointed.history) == pytest.approx(losses(plain.history), rel=1e-5)
+
+
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tiny_base, alpaca_file, tmp_path):
+    """Stopped after step 4 of 10 (epoch 1 of 2) and resumed: weights, optimizer, schedule, dropout RNG and
+    data position all come back, so steps 5..10 match to 1e-5."""
+    uninterrupted = train(tiny_config(tiny_base, alpaca_file, tmp_path / "full", num_epochs=2, save_steps=4,
+                                      lora_dropout=0.1))
+    checkpoints = sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-4", "checkpoint-8"]
+    resumed = train(tiny_config(tiny_base, alpaca_file, tmp_path / "resumed", num_epochs=2, save_steps=4,
+                                lora_dropout=0.1, resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4")))
+    assert [r["step"] for r in resumed.history] == list(range(5, 11))
+    assert losses(resumed.history) == pytest.approx(losses(uninterrupted.history)[4:], rel=1e-5, abs=1e-5)
+    # a different seed would give different losses: the match is not an accident
+    other = train(tiny_config(tiny_base, alpaca_file, tmp_path / "other", num_epochs=2, seed=1, lora_dropout=0.1))
+    assert losses(other.history)[4:] != pytest.approx(losses(uninterrupted.history)[4:], rel=1e-3)
+
+
+def test_resuming_with_other_settings_is_refused(tiny_base, alpaca_file, tmp_path):
+    train(tiny_config(tiny_base, alpaca_file, tmp_path / "full", save_steps=2))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*batch_size \(8 -> 16\)"):
+        train(tiny_config(tiny_base, alpaca_file, tmp_path / "x", batch_size=16,
+                          resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+
+
+def test_only_the_last_checkpoints_are_kept(tiny_base, alpaca_file, tmp_path):
+    train(tiny_config(tiny_base, alpaca_file, tmp_path, num_epochs=3, save_steps=2, save_total_limit=3))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-12", "checkpoint-14"]
+
+
+def test_bf16_and_4bit_runs_train(tiny_base, alpaca_file, tmp_path):
+    bf16 = train(tiny_config(tiny_base, alpaca_file, tmp_path / "bf16", bf16=True, eval_steps=2))
+    assert bf16.summary["precision"] == "bf16"
+    qlora = train(tiny_config(tiny_base, alpaca_file, tmp_path / "4bit", load_4bit=True, eval_steps=2))
+    assert qlora.summary["precision"] == "4bit"
+    for result in (bf16, qlora):
+        assert all(torch.isfinite(torch.tensor(losses(result.history))))
+        lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # gradients kept flowing after the eval passes
+
+
+def test_wandb_offline_run_is_recorded(tiny_base, alpaca_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config(tiny_base, alpaca_file, tmp_path / "out", wandb_project="alpaca-test", wandb_run_name="tiny",
+                      wandb_log_model="true"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_two_processes_match_one_process(tiny_base, alpaca_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo), micro-batch 4 each, = 1 process accumulating 2 micro-batches of 4."""
+    flags = ["--base_model", tiny_base, "--data_path", alpaca_file, "--batch_size", 8, "--micro_batch_size", 4,
+             "--num_epochs", 1, "--val_set_size", 8, "--cutoff_len", 512, "--learning_rate", 1e-2, "--bf16", False,
+             "--warmup_steps", 1, "--lora_dropout", 0.0, "--eval_steps", 5]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    one = run_script(REPO / "finetune.py", *flags, "--output_dir", tmp_path / "one", env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                     REPO / "finetune.py", *flags, "--output_dir", tmp_path / "two", env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_log, two_log = ([json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
+                        for d in ("one", "two"))
+    assert len(one_log) == len(two_log) == 5
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-4)
+    assert two_log[-1]["val_loss"] == pytest.approx(one_log[-1]["val_loss"], rel=1e-4)
+    assert json.loads((tmp_path / "two" / "training_summary.json").read_text())["arguments"]["world_size"] == 2
+
+
+# ---- flags and bad input ----
+
+def test_help_lists_every_flag_with_its_default():
+    result = run_script(REPO / "finetune.py", "--help", env={**os.environ, "PAGER": "cat"})
+    assert result.returncode == 0
+    text = result.stdout + result.stderr  # fire writes help to stderr when it has no pager
+    for field in fields(TrainConfig):
+        assert f"--{field.name}=" in text, field.name
+    assert "Default: 'yahma/alpaca-cleaned'" in text and "Default: 128" in text and "Default: 0.0003" in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(base_model=""), "--base_model is required"),
+    (dict(batch_size=10, micro_batch_size=4), "--batch_size 10 is not divisible by --micro_batch_size 4"),
+    (dict(prompt_template_name="vicuna"), "--prompt_template_name 'vicuna': no such template"),
+    (dict(learning_rate="fast"), "--learning_rate 'fast': must be a number"),
+    (dict(micro_batch_size=0), "--micro_batch_size 0: must be a whole number >= 1"),
+    (dict(load_8bit=True, load_4bit=True), "--load_8bit and --load_4bit: choose one"),
+    (dict(lora_target_modules=[]), "--lora_target_modules"),
+    (dict(wandb_watch="everything"), "--wandb_watch 'everything'"),
+])
+def test_bad_flags_name_the_flag(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{"base_model": "m", **overrides}).validated()
+
+
+def test_target_module_spellings():
+    for spelling in ("[q_proj,v_proj]", "q_proj,v_proj", ["q_proj", "v_proj"], ("q_proj", "v_proj")):
+        assert TrainConfig(base_model="m", lora_target_modules=spelling).validated().lora_target_modules == ["q_proj", "v_proj"]
+    assert TrainConfig(base_model="m", lora_target_modules="all-linear").validated().lora_target_modules == "all-linear"
+
+
+def _bad_inputs(tiny_base, alpaca_file, tmp_path):
+    malformed = tmp_path / "malformed.json"
+    malformed.write_text('[{"instruction": "a", "output": "b"},')
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps([{"prompt": "a", "completion": "b"}] * 3))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return {
+        "missing base model": (["--base_model", tmp_path / "no-model"], "--base_model"),
+        "missing data": (["--data_path", tmp_path / "no-data.json"], "--data_path"),
+        "malformed JSON": (["--data_path", malformed], "malformed JSON at line 1 column 38"),
+        "wrong schema": (["--data_path", schema], "3 bad row(s) of 3: row 1: 'instruction' is missing"),
+        "empty dataset": (["--data_path", empty], "no usable rows"),
+        "nothing fits cutoff_len": (["--cutoff_len", 8], "--cutoff_len 8: no training example fits"),
+        "indivisible batch": (["--batch_size", 10, "--micro_batch_size", 4], "--batch_size 10 is not divisible"),
+        "unwritable output_dir": (["--output_dir", blocker / "out"], "not writable"),
+        "unknown template": (["--prompt_template_name", "nope"], "--prompt_template_name 'nope'"),
+        "unreachable hub model": (["--base_model", "huggyllama/llama-7b"], "could not load its tokenizer"),
+    }
+
+
+def test_bad_input_exits_with_one_line_and_no_adapter(tiny_base, alpaca_file, tmp_path, monkeypatch, capsys):
+    from alpaca_lora import console
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
+    for case, (args, message) in _bad_inputs(tiny_base, alpaca_file, tmp_path).items():
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        argv = ["finetune.py", "--base_model", tiny_base, "--data_path", alpaca_file, "--output_dir", out,
+                "--val_set_size", 4, "--batch_size", 8, "--micro_batch_size", 4, *args]
+        monkeypatch.setattr(sys, "argv", [str(a) for a in argv])
+        with pytest.raises(SystemExit) as exit_info:
+            console.finetune()
+        error = str(exit_info.value.code)
+        assert error.startswith("finetune.py: error: ") and "\n" not in error, case
+        assert message in error, (case, error)
+        assert not (out / "adapter_model.safetensors").exists() and not (out / "training_summary.json").exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    result = run_script(REPO / "finetune.py", "--base_model", tmp_path / "nothing-here", "--output_dir", tmp_path / "o")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"finetune.py: error: --base_model {tmp_path}/nothing-here: no such folder; pass a local model folder or a hub id"
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
