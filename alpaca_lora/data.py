@@ -12,8 +12,10 @@ prompt's tokens, as Stanford's train.py does, is off by one whenever a token spa
 Targets are stored already shifted by one, so examples can be laid end to end (packing) without a
 label leaking across an example boundary.
 
-`plan_micro_batches` and `pad_collate` turn examples into padded micro-batches; the training loop
-takes any planner and collator of the same shape, so other batching schemes can replace them.
+Batching: `plan_micro_batches` decides which examples share an optimizer step. Those examples are then
+either padded (`pad_collate`: one row per example, right-padded, with an attention mask) or packed
+(`pack_by_tokens` + `packed_collate`: whole examples laid end to end in one row up to a token budget,
+`position_ids` restarting at each example, no padding at all).
 """
 
 import hashlib
@@ -232,3 +234,35 @@ def pad_collate(examples: list[Example], pad_token_id: int, pad_to_multiple_of: 
         targets[row, :n] = torch.tensor(example.targets)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+
+
+def pack_by_tokens(indices: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group examples into as few micro-batches of at most `token_budget` tokens as first-fit decreasing finds.
+
+    An example longer than the budget gets a micro-batch of its own (cutoff_len bounds it anyway).
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        fitting = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if fitting is None:
+            bins.append([i])
+            room.append(token_budget - lengths[i])
+        else:
+            bins[fitting].append(i)
+            room[fitting] -= lengths[i]
+    return bins
+
+
+def packed_collate(examples: list[Example], pad_token_id: int) -> dict:
+    """One row [1, total tokens]: the examples end to end, positions restarting at 0 for each.
+
+    There is no attention mask on purpose: given restarting position_ids and no mask, transformers builds
+    a block-diagonal causal mask (each token sees only its own example); with a 2D mask it would not.
+    Targets were shifted per example, so none points across a boundary. `pad_token_id` is unused: there
+    is no padding.
+    """
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
+    targets = torch.tensor([t for e in examples for t in e.targets]).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}

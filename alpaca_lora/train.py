@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, load_rows, pad_collate, plan_micro_batches, split_rows, tokenize_rows, validate_rows
+from torch.utils.checkpoint import checkpoint
+
+from .data import (IGNORE_INDEX, load_rows, pack_by_tokens, packed_collate, pad_collate, plan_micro_batches, split_rows,
+                   tokenize_rows, validate_rows)
 from .model import attach_lora, fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
 
@@ -87,6 +90,10 @@ class TrainConfig:
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 autocast; default: on where bf16 is fast (Ampere+ GPU, AVX512-BF16 CPU), fp32 otherwise"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "drop rows that fail validation instead of stopping"})
+    packing: bool = field(default=True, metadata={
+        "help": "lay a step's examples end to end (no padding, attention kept within each example) in micro-batches "
+                "of up to micro_batch_size x cutoff_len tokens; False: one padded row per example"})
+    torch_compile: bool = field(default=False, metadata={"help": "compile the decoder with torch.compile"})
 
     def validated(self) -> "TrainConfig":
         """A copy with normalised values, or a ValueError naming the flag, its value and a fix."""
@@ -111,7 +118,7 @@ class TrainConfig:
         if c.learning_rate == 0:
             raise ValueError("--learning_rate 0: must be positive, e.g. 3e-4")
         for name in ("train_on_inputs", "add_eos_token", "group_by_length", "load_4bit", "use_dora", "use_rslora",
-                     "gradient_checkpointing", "skip_bad_rows"):
+                     "gradient_checkpointing", "skip_bad_rows", "packing", "torch_compile"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"--{name} {getattr(c, name)!r}: must be True or False")
         for name in ("load_8bit", "bf16"):
@@ -149,12 +156,51 @@ def _target_modules(value) -> list[str] | str:
 
 # ---- the loss: replaceable; takes (model, batch) and gives the sum of the token losses over the batch's targets ----
 
+LOGIT_CHUNK = 1024  # positions per LM-head chunk: at most [1024 x vocab] logits exist at once
+
+
 def padded_loss(model, batch: dict) -> torch.Tensor:
     """The standard computation: full-vocabulary logits at every position, cross-entropy where targets exist."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     # [micro_batch, width, vocab] -> one row per position; fp32 for a stable log-softmax under bf16 autocast
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def response_only_loss(model, batch: dict) -> torch.Tensor:
+    """The LM head and cross-entropy only where a target exists (the response, unless train_on_inputs).
+
+    The decoder runs on every token (the prompt is context), but the [tokens x vocab] logits, the
+    largest tensor of a step with a 32K vocabulary, are made only for target positions, in chunks
+    whose logits are recomputed in backward instead of kept. Same loss and gradients as padded_loss.
+    """
+    causal_lm = model.get_base_model()  # peft wrapper -> e.g. LlamaForCausalLM
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    has_target = batch["targets"] != IGNORE_INDEX
+    hidden, targets = hidden[has_target], batch["targets"][has_target]  # [targets, hidden], [targets]
+    head = causal_lm.get_output_embeddings()
+
+    def chunk_loss(hidden_chunk, target_chunk):
+        return F.cross_entropy(head(hidden_chunk).float(), target_chunk, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), LOGIT_CHUNK):
+        chunk = slice(start, start + LOGIT_CHUNK)
+        total = total + checkpoint(chunk_loss, hidden[chunk], targets[chunk], use_reentrant=False)
+    return total
+
+
+class LossModule(torch.nn.Module):
+    """model + loss as one module, so DDP wraps the whole forward (its gradient hooks need the forward to run
+    through it, and response_only_loss calls the decoder and head itself)."""
+
+    def __init__(self, model, loss_sum):
+        super().__init__()
+        self.model, self.loss_sum = model, loss_sum
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_sum(self.model, batch)
 
 
 @dataclass
@@ -164,8 +210,8 @@ class TrainResult:
     history: list[dict]  # one record per optimizer step of this run, as in train_log.jsonl
 
 
-def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> TrainResult:
-    """Fine-tune and save the adapter folder."""
+def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
+    """Fine-tune and save the adapter folder. `loss_sum` is replaceable (the benchmark passes padded_loss)."""
     from accelerate import Accelerator
 
     started = time.time()
@@ -196,6 +242,9 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
         raise ValueError(f"--cutoff_len {config.cutoff_len}: no training example fits (prompt + response + EOS); "
                          "raise --cutoff_len")
     examples = train_set.examples
+    lengths = [len(e.input_ids) for e in examples]
+    collate = packed_collate if config.packing else pad_collate
+    token_budget = config.micro_batch_size * config.cutoff_len  # a packed micro-batch is never longer than a padded one
     micro_batches_per_epoch = math.ceil(len(examples) / config.micro_batch_size)
     steps_per_epoch = micro_batches_per_epoch // (accumulation * world_size)  # an incomplete last step is dropped
     if steps_per_epoch == 0:
@@ -230,7 +279,10 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
 
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = _lr_schedule(optimizer, config, total_steps)
-    ddp_model = accelerator.prepare_model(model)  # DDP wrapper when several processes, else the model itself
+    if config.torch_compile:
+        model.get_base_model().get_decoder().compile(dynamic=True)
+    loss_module = LossModule(model, loss_sum)
+    ddp_loss = accelerator.prepare_model(loss_module)  # DDP wrapper when several processes, else the module itself
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     start_step = 0
@@ -248,30 +300,34 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
     def step_micro_batches(step: int) -> list[list[int]]:
         """This process's micro-batches for one optimizer step; the plan is the same on every process."""
         epoch, index = divmod(step, steps_per_epoch)
-        plan = plan_micro_batches([len(e.input_ids) for e in examples], config.micro_batch_size, config.seed,
-                                  epoch, config.group_by_length, accumulation * world_size)
+        plan = plan_micro_batches(lengths, config.micro_batch_size, config.seed, epoch, config.group_by_length,
+                                  accumulation * world_size)
         window = plan[index * accumulation * world_size:(index + 1) * accumulation * world_size]
-        return window[rank * accumulation:(rank + 1) * accumulation]
+        mine = window[rank * accumulation:(rank + 1) * accumulation]
+        if not config.packing:
+            return mine
+        # the same examples as the padded layout, regrouped into as few token-budget micro-batches as possible
+        return pack_by_tokens([i for mb in mine for i in mb], lengths, token_budget)
 
     model.train()
     progress = _progress_bar(total_steps, start_step, is_main)
     history, val_loss, real_tokens, train_seconds = [], None, 0, 0.0  # real tokens: not padding, all processes
     for step in range(start_step, total_steps):
         step_started = time.time()
-        batches = [collate([examples[i] for i in mb], tokenizer.pad_token_id) for mb in step_micro_batches(step)]
+        micro_batches = step_micro_batches(step)
+        batches = [collate([examples[i] for i in mb], tokenizer.pad_token_id) for mb in micro_batches]
         # The step's loss is sum(token losses) / (target tokens in the global batch). DDP averages the
         # gradients over processes, so each process scales its sum by world_size / global count.
         num_targets = accelerator.reduce(
             torch.tensor(sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches), device=device), "sum")
-        step_loss, step_tokens = torch.zeros((), device=device), 0
+        step_loss, step_tokens = torch.zeros((), device=device), sum(lengths[i] for mb in micro_batches for i in mb)
         for i, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             syncing = i == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
-            with nullcontext() if syncing else accelerator.no_sync(ddp_model), autocast:
-                token_loss_sum = loss_sum(ddp_model, batch)
+            with nullcontext() if syncing else accelerator.no_sync(ddp_loss), autocast:
+                token_loss_sum = ddp_loss(batch)
             accelerator.backward(token_loss_sum * world_size / num_targets)
             step_loss += token_loss_sum.detach()
-            step_tokens += int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
         optimizer.step()
         scheduler.step()
@@ -284,8 +340,8 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                   "target_tokens": int(num_targets)}
         if val_set.examples and (done % config.eval_steps == 0 or done == total_steps):
-            val_loss = evaluate_loss(model, val_set.examples, config.micro_batch_size, tokenizer.pad_token_id,
-                                     accelerator, autocast, collate, loss_sum)
+            val_loss = evaluate_loss(loss_module, val_set.examples, config, tokenizer.pad_token_id, accelerator,
+                                     autocast)
             record["val_loss"] = val_loss
         history.append(record)
         if is_main:
@@ -330,18 +386,23 @@ def train(config: TrainConfig, collate=pad_collate, loss_sum=padded_loss) -> Tra
     return TrainResult(model=model, summary=summary, history=history)
 
 
-def evaluate_loss(model, examples, micro_batch_size, pad_token_id, accelerator, autocast, collate, loss_sum) -> float:
+def evaluate_loss(loss_module, examples, config: TrainConfig, pad_token_id, accelerator, autocast) -> float:
     """Mean loss per target token over `examples`, split over the processes; dropout off while it runs."""
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))  # similar lengths: less padding
-    micro_batches = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    loss_module.eval()
+    lengths = [len(e.input_ids) for e in examples]
+    if config.packing:
+        micro_batches = pack_by_tokens(list(range(len(examples))), lengths, config.micro_batch_size * config.cutoff_len)
+    else:
+        order = sorted(range(len(examples)), key=lambda i: lengths[i])  # similar lengths: less padding
+        micro_batches = [order[i:i + config.micro_batch_size] for i in range(0, len(order), config.micro_batch_size)]
+    collate = packed_collate if config.packing else pad_collate
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     with torch.no_grad(), autocast:
         for mb in micro_batches[accelerator.process_index::accelerator.num_processes]:
             batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in mb], pad_token_id).items()}
-            total += loss_sum(model, batch).float()
+            total += loss_module(batch).float()
             count += (batch["targets"] != IGNORE_INDEX).sum()
-    model.train()
+    loss_module.train()
     return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum")).item()
 
 

@@ -1,0 +1,102 @@
+"""Padding-free packing and response-only logits compute exactly what the standard padded path computes."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from alpaca_lora.data import IGNORE_INDEX, pack_by_tokens, packed_collate, pad_collate, tokenize_rows
+from alpaca_lora.model import attach_lora, load_model, load_tokenizer
+from alpaca_lora.templates import load_template
+from alpaca_lora.train import padded_loss, response_only_loss
+
+from test_train import losses, tiny_config
+from alpaca_lora.train import train
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_base, alpaca_rows):
+    tokenizer = load_tokenizer(str(tiny_base))
+    return tokenize_rows(alpaca_rows[:6], tokenizer, load_template("alpaca"), 512, train_on_inputs=False).examples
+
+
+@pytest.fixture(scope="module")
+def base(tiny_base):
+    return AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+
+
+def test_every_packed_example_gets_the_logits_it_gets_alone(base, examples):
+    batch = packed_collate(examples, pad_token_id=0)
+    assert batch["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
+    with torch.no_grad():
+        packed = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for example in examples:
+            alone = base(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5)
+            start += len(example.input_ids)
+
+
+def test_no_token_attends_across_an_example_boundary(base, examples):
+    """Changing every token of the first example changes nothing in the others; the control shows that
+    with an all-ones attention mask (the easy mistake) it would."""
+    batch = packed_collate(examples[:3], pad_token_id=0)
+    first = len(examples[0].input_ids)
+    changed = batch["input_ids"].clone()
+    changed[0, :first] = torch.randint(3, 500, (first,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        def rest(input_ids, **extra):
+            return base(input_ids=input_ids, position_ids=batch["position_ids"], use_cache=False, **extra).logits[0, first:]
+        assert torch.equal(rest(batch["input_ids"]), rest(changed))
+        ones = torch.ones_like(batch["input_ids"])
+        assert not torch.allclose(rest(batch["input_ids"], attention_mask=ones), rest(changed, attention_mask=ones))
+
+
+def _lora_model(tiny_base):
+    torch.manual_seed(0)
+    model = attach_lora(load_model(str(tiny_base), None, False, torch.device("cpu")), r=4, alpha=8, dropout=0.0,
+                        target_modules="all-linear", use_dora=False, use_rslora=False, gradient_checkpointing=False,
+                        quantized=False)
+    with torch.no_grad():  # lora_B starts at zero; give the adapter an effect so the gradients test something
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def _loss_and_grads(model, loss_sum, batch):
+    model.zero_grad(set_to_none=True)
+    loss = loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, monkeypatch):
+    monkeypatch.setattr("alpaca_lora.train.LOGIT_CHUNK", 64)  # several chunks even on these short examples
+    model = _lora_model(tiny_base)
+    standard_loss, standard_grads = _loss_and_grads(model, padded_loss, pad_collate(examples, 0))
+    batch = packed_collate(examples, 0) if layout == "packed" else pad_collate(examples, 0)
+    assert (batch["targets"] != IGNORE_INDEX).sum() > 3 * 64
+    loss, grads = _loss_and_grads(model, response_only_loss, batch)
+    torch.testing.assert_close(loss, standard_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == standard_grads.keys() and len(grads) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    for name in grads:  # relative to the gradient's norm: elementwise, fp32 summation order alone exceeds 1e-5
+        error = (grads[name] - standard_grads[name]).norm() / standard_grads[name].norm()
+        assert error < 1e-5, (name, error.item())
+
+
+def test_pack_by_tokens_keeps_to_the_budget_and_places_every_example_once():
+    lengths = [120, 30, 250, 75, 60, 200, 10, 90, 256, 5]
+    bins = pack_by_tokens(list(range(10)), lengths, 256)
+    assert sorted(i for b in bins for i in b) == list(range(10))
+    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
+    assert len(bins) == 5  # 1096 tokens: 5 bins of 256 is the least possible
+
+
+def test_packed_and_padded_training_log_the_same_losses(tiny_base, alpaca_file, tmp_path):
+    packed = train(tiny_config(tiny_base, alpaca_file, tmp_path / "packed", packing=True, lora_dropout=0.0,
+                               num_epochs=2, eval_steps=5))
+    padded = train(tiny_config(tiny_base, alpaca_file, tmp_path / "padded", packing=False, lora_dropout=0.0,
+                               num_epochs=2, eval_steps=5), loss_sum=padded_loss)
+    assert losses(packed.history) == pytest.approx(losses(padded.history), rel=1e-5)
+    assert packed.history[-1]["val_loss"] == pytest.approx(padded.history[-1]["val_loss"], rel=1e-5)
