@@ -14,8 +14,8 @@ label leaking across an example boundary.
 
 Batching: `plan_micro_batches` decides which examples share an optimizer step. Those examples are then
 either padded (`pad_collate`: one row per example, right-padded, with an attention mask) or packed
-(`pack_by_tokens` + `packed_collate`: whole examples laid end to end in one row up to a token budget,
-`position_ids` restarting at each example, no padding at all).
+(`pack_rows` + `packed_collate`: whole examples laid end to end in rows of up to cutoff_len tokens,
+`position_ids` restarting at each example, attention confined to each example, almost no padding).
 """
 
 import hashlib
@@ -236,33 +236,46 @@ def pad_collate(examples: list[Example], pad_token_id: int, pad_to_multiple_of: 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
-def pack_by_tokens(indices: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Group examples into as few micro-batches of at most `token_budget` tokens as first-fit decreasing finds.
+def pack_rows(indices: list[int], lengths: list[int], row_length: int) -> list[list[int]]:
+    """Lay examples end to end in rows of at most `row_length` tokens, as few rows as first-fit decreasing finds.
 
-    An example longer than the budget gets a micro-batch of its own (cutoff_len bounds it anyway).
+    Rows stay as long as one padded example at most (cutoff_len), so attention costs no more than it
+    does padded: packing everything into one long row would make it quadratic in the whole micro-batch.
     """
-    bins: list[list[int]] = []
+    rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(indices, key=lambda i: -lengths[i]):
-        fitting = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        fitting = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
         if fitting is None:
-            bins.append([i])
-            room.append(token_budget - lengths[i])
+            rows.append([i])
+            room.append(row_length - lengths[i])
         else:
-            bins[fitting].append(i)
+            rows[fitting].append(i)
             room[fitting] -= lengths[i]
-    return bins
+    return rows
 
 
-def packed_collate(examples: list[Example], pad_token_id: int) -> dict:
-    """One row [1, total tokens]: the examples end to end, positions restarting at 0 for each.
+def packed_collate(rows: list[list[Example]], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
+    """[rows, width]: each row its examples end to end, `position_ids` restarting at 0 for each.
 
     There is no attention mask on purpose: given restarting position_ids and no mask, transformers builds
     a block-diagonal causal mask (each token sees only its own example); with a 2D mask it would not.
-    Targets were shifted per example, so none points across a boundary. `pad_token_id` is unused: there
-    is no padding.
+    A row shorter than the widest is filled with pad tokens that form a segment of their own (positions
+    restarting, no targets), so no real token attends to them. Targets were shifted per example, so none
+    points across a boundary.
     """
-    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)
-    targets = torch.tensor([t for e in examples for t in e.targets]).unsqueeze(0)
-    position_ids = torch.cat([torch.arange(len(e.input_ids)) for e in examples]).unsqueeze(0)
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for example in row:
+            n = len(example.input_ids)
+            input_ids[r, start:start + n] = torch.tensor(example.input_ids)
+            targets[r, start:start + n] = torch.tensor(example.targets)
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+        position_ids[r, start:] = torch.arange(width - start)  # the filler: a segment of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}

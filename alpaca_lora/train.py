@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint
 
-from .data import (IGNORE_INDEX, load_rows, pack_by_tokens, packed_collate, pad_collate, plan_micro_batches, split_rows,
+from .data import (IGNORE_INDEX, load_rows, pack_rows, packed_collate, pad_collate, plan_micro_batches, split_rows,
                    tokenize_rows, validate_rows)
 from .model import attach_lora, fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
@@ -91,8 +91,8 @@ class TrainConfig:
         "help": "bf16 autocast; default: on where bf16 is fast (Ampere+ GPU, AVX512-BF16 CPU), fp32 otherwise"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "drop rows that fail validation instead of stopping"})
     packing: bool = field(default=True, metadata={
-        "help": "lay a step's examples end to end (no padding, attention kept within each example) in micro-batches "
-                "of up to micro_batch_size x cutoff_len tokens; False: one padded row per example"})
+        "help": "lay a step's examples end to end (attention kept within each example) in rows of up to cutoff_len "
+                "tokens, micro_batch_size rows per pass; False: one padded row per example"})
     torch_compile: bool = field(default=False, metadata={"help": "compile the decoder with torch.compile"})
 
     def validated(self) -> "TrainConfig":
@@ -243,8 +243,6 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                          "raise --cutoff_len")
     examples = train_set.examples
     lengths = [len(e.input_ids) for e in examples]
-    collate = packed_collate if config.packing else pad_collate
-    token_budget = config.micro_batch_size * config.cutoff_len  # a packed micro-batch is never longer than a padded one
     micro_batches_per_epoch = math.ceil(len(examples) / config.micro_batch_size)
     steps_per_epoch = micro_batches_per_epoch // (accumulation * world_size)  # an incomplete last step is dropped
     if steps_per_epoch == 0:
@@ -297,30 +295,30 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     wandb_run = _start_wandb(config, model) if is_main and config.wandb_project else None
 
     # ---- the loop ----
-    def step_micro_batches(step: int) -> list[list[int]]:
-        """This process's micro-batches for one optimizer step; the plan is the same on every process."""
+    def step_micro_batches(step: int) -> list[list[list[int]]]:
+        """This process's micro-batches for one optimizer step, each a list of rows of example indices
+        (one example per row unless packing); the plan is the same on every process."""
         epoch, index = divmod(step, steps_per_epoch)
         plan = plan_micro_batches(lengths, config.micro_batch_size, config.seed, epoch, config.group_by_length,
                                   accumulation * world_size)
         window = plan[index * accumulation * world_size:(index + 1) * accumulation * world_size]
         mine = window[rank * accumulation:(rank + 1) * accumulation]
-        if not config.packing:
-            return mine
-        # the same examples as the padded layout, regrouped into as few token-budget micro-batches as possible
-        return pack_by_tokens([i for mb in mine for i in mb], lengths, token_budget)
+        return _layout(mine, lengths, config)
 
     model.train()
     progress = _progress_bar(total_steps, start_step, is_main)
-    history, val_loss, real_tokens, train_seconds = [], None, 0, 0.0  # real tokens: not padding, all processes
+    # real tokens: not padding, all processes; computed tokens: what the model ran on, padding included
+    history, val_loss, real_tokens, computed_tokens, train_seconds = [], None, 0, 0, 0.0
     for step in range(start_step, total_steps):
         step_started = time.time()
         micro_batches = step_micro_batches(step)
-        batches = [collate([examples[i] for i in mb], tokenizer.pad_token_id) for mb in micro_batches]
+        batches = [_collate(mb, examples, tokenizer.pad_token_id, config) for mb in micro_batches]
         # The step's loss is sum(token losses) / (target tokens in the global batch). DDP averages the
         # gradients over processes, so each process scales its sum by world_size / global count.
         num_targets = accelerator.reduce(
             torch.tensor(sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches), device=device), "sum")
-        step_loss, step_tokens = torch.zeros((), device=device), sum(lengths[i] for mb in micro_batches for i in mb)
+        step_tokens = sum(lengths[i] for mb in micro_batches for row in mb for i in row)
+        step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             syncing = i == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
@@ -332,13 +330,17 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        totals = accelerator.reduce(torch.stack([step_loss.float(), torch.tensor(float(step_tokens), device=device)]), "sum")
-        loss, real_tokens = (totals[0] / num_targets).item(), real_tokens + int(totals[1])
-        train_seconds += time.time() - step_started
+        step_computed = sum(b["input_ids"].numel() for b in batches)
+        totals = accelerator.reduce(torch.tensor([step_loss.item(), step_tokens, step_computed], device=device,
+                                                 dtype=torch.float32), "sum")
+        loss = totals[0].item() / num_targets.item()
+        real_tokens, computed_tokens = real_tokens + int(totals[1]), computed_tokens + int(totals[2])
+        step_seconds = time.time() - step_started
+        train_seconds += step_seconds
         done = step + 1
         record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": loss,
                   "learning_rate": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                  "target_tokens": int(num_targets)}
+                  "target_tokens": int(num_targets), "real_tokens": int(totals[1]), "seconds": round(step_seconds, 4)}
         if val_set.examples and (done % config.eval_steps == 0 or done == total_steps):
             val_loss = evaluate_loss(loss_module, val_set.examples, config, tokenizer.pad_token_id, accelerator,
                                      autocast)
@@ -374,6 +376,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
         "final_train_loss": history[-1]["loss"] if history else None,
         "final_validation_loss": val_loss,
         "real_tokens_per_second": real_tokens / train_seconds if train_seconds else None,
+        "padding_fraction": 1 - real_tokens / computed_tokens if computed_tokens else None,
+        "train_seconds": train_seconds,
         "wall_seconds": time.time() - started,
         "versions": _versions(),
     }
@@ -390,20 +394,32 @@ def evaluate_loss(loss_module, examples, config: TrainConfig, pad_token_id, acce
     """Mean loss per target token over `examples`, split over the processes; dropout off while it runs."""
     loss_module.eval()
     lengths = [len(e.input_ids) for e in examples]
-    if config.packing:
-        micro_batches = pack_by_tokens(list(range(len(examples))), lengths, config.micro_batch_size * config.cutoff_len)
-    else:
-        order = sorted(range(len(examples)), key=lambda i: lengths[i])  # similar lengths: less padding
-        micro_batches = [order[i:i + config.micro_batch_size] for i in range(0, len(order), config.micro_batch_size)]
-    collate = packed_collate if config.packing else pad_collate
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])  # similar lengths: less padding
+    micro_batches = _layout([order[i:i + config.micro_batch_size] for i in range(0, len(order), config.micro_batch_size)],
+                            lengths, config)
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     with torch.no_grad(), autocast:
         for mb in micro_batches[accelerator.process_index::accelerator.num_processes]:
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in mb], pad_token_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in _collate(mb, examples, pad_token_id, config).items()}
             total += loss_module(batch).float()
             count += (batch["targets"] != IGNORE_INDEX).sum()
     loss_module.train()
     return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum")).item()
+
+
+def _layout(micro_batches: list[list[int]], lengths: list[int], config: TrainConfig) -> list[list[list[int]]]:
+    """Padded: each micro-batch as planned, one example per row. Packed: the same examples laid into as few
+    rows of cutoff_len tokens as possible, micro_batch_size rows per micro-batch."""
+    if not config.packing:
+        return [[[i] for i in mb] for mb in micro_batches]
+    rows = pack_rows([i for mb in micro_batches for i in mb], lengths, config.cutoff_len)
+    return [rows[start:start + config.micro_batch_size] for start in range(0, len(rows), config.micro_batch_size)]
+
+
+def _collate(micro_batch: list[list[int]], examples, pad_token_id: int, config: TrainConfig) -> dict:
+    if config.packing:
+        return packed_collate([[examples[i] for i in row] for row in micro_batch], pad_token_id)
+    return pad_collate([examples[i] for [i] in micro_batch], pad_token_id)
 
 
 def _wants_8bit(config: TrainConfig, device: torch.device) -> bool:

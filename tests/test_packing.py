@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alpaca_lora.data import IGNORE_INDEX, pack_by_tokens, packed_collate, pad_collate, tokenize_rows
+from alpaca_lora.data import IGNORE_INDEX, pack_rows, packed_collate, pad_collate, tokenize_rows
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer
 from alpaca_lora.templates import load_template
 from alpaca_lora.train import padded_loss, response_only_loss
@@ -25,21 +25,24 @@ def base(tiny_base):
 
 
 def test_every_packed_example_gets_the_logits_it_gets_alone(base, examples):
-    batch = packed_collate(examples, pad_token_id=0)
-    assert batch["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
+    rows = [examples[:3], examples[3:4], examples[4:]]  # rows of different lengths: the short ones get a filler
+    batch = packed_collate(rows, pad_token_id=0)
+    widest = max(sum(len(e.input_ids) for e in row) for row in rows)
+    assert batch["input_ids"].shape == (3, -(-widest // 8) * 8)
     with torch.no_grad():
-        packed = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        start = 0
-        for example in examples:
-            alone = base(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start:start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5)
-            start += len(example.input_ids)
+        packed = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                alone = base(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+                torch.testing.assert_close(packed[r, start:start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5)
+                start += len(example.input_ids)
 
 
 def test_no_token_attends_across_an_example_boundary(base, examples):
     """Changing every token of the first example changes nothing in the others; the control shows that
     with an all-ones attention mask (the easy mistake) it would."""
-    batch = packed_collate(examples[:3], pad_token_id=0)
+    batch = packed_collate([examples[:3]], pad_token_id=0)
     first = len(examples[0].input_ids)
     changed = batch["input_ids"].clone()
     changed[0, :first] = torch.randint(3, 500, (first,), generator=torch.Generator().manual_seed(0))
@@ -70,12 +73,22 @@ def _loss_and_grads(model, loss_sum, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_packed_rows_have_segment_positions_and_no_mask(examples):
+    batch = packed_collate([examples[:2], examples[2:3]], pad_token_id=0)
+    first, second = len(examples[0].input_ids), len(examples[1].input_ids)
+    assert "attention_mask" not in batch
+    assert batch["position_ids"][0, :first + second].tolist() == list(range(first)) + list(range(second))
+    tail = batch["input_ids"].shape[1] - len(examples[2].input_ids)
+    assert batch["position_ids"][1, len(examples[2].input_ids):].tolist() == list(range(tail))
+    assert set(batch["targets"][1, len(examples[2].input_ids):].tolist()) <= {IGNORE_INDEX}
+
+
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, monkeypatch):
     monkeypatch.setattr("alpaca_lora.train.LOGIT_CHUNK", 64)  # several chunks even on these short examples
     model = _lora_model(tiny_base)
     standard_loss, standard_grads = _loss_and_grads(model, padded_loss, pad_collate(examples, 0))
-    batch = packed_collate(examples, 0) if layout == "packed" else pad_collate(examples, 0)
+    batch = packed_collate([examples[:2], examples[2:]], 0) if layout == "packed" else pad_collate(examples, 0)
     assert (batch["targets"] != IGNORE_INDEX).sum() > 3 * 64
     loss, grads = _loss_and_grads(model, response_only_loss, batch)
     torch.testing.assert_close(loss, standard_loss, rtol=1e-5, atol=0)
@@ -85,9 +98,9 @@ def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, ex
         assert error < 1e-5, (name, error.item())
 
 
-def test_pack_by_tokens_keeps_to_the_budget_and_places_every_example_once():
+def test_pack_rows_keeps_to_the_row_length_and_places_every_example_once():
     lengths = [120, 30, 250, 75, 60, 200, 10, 90, 256, 5]
-    bins = pack_by_tokens(list(range(10)), lengths, 256)
+    bins = pack_rows(list(range(10)), lengths, 256)
     assert sorted(i for b in bins for i in b) == list(range(10))
     assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
     assert len(bins) == 5  # 1096 tokens: 5 bins of 256 is the least possible

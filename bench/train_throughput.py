@@ -1,0 +1,211 @@
+"""Training throughput: the standard path against ours, same model, data, hyperparameters and steps.
+
+    python bench/train_throughput.py [--steps 8] [--batch_size 16] [--quick]
+
+The standard path is what alpaca-lora (and most HF Trainer + peft scripts) do: each example padded to the
+longest of its micro-batch (rounded up to a multiple of 8), full-vocabulary logits at every position.
+Ours: whole examples packed end to end (no padding, attention kept inside each example) and the LM head
+and cross-entropy run only at response positions. Both train the same examples in every step.
+
+Each configuration runs in a fresh process (so peak resident memory is its own), standard and ours
+alternating. The model is LLaMA-shaped (hidden 512, 8 layers, 8 heads, MLP 1376) with the real 32,000-token
+LLaMA vocabulary and random weights; the data are real Alpaca rows. Tokens per second leave out the first
+step (allocation and kernel warm-up). MFU is useful model FLOPs per second over the peak a large matmul
+reaches here in the same dtype; useful FLOPs per real token = 4 x decoder parameters (forward, and backward
+to the activations: the base is frozen) + attention + 4 x hidden x vocab for each token that has a target
+(the LM head that a loss needs). Prints a table and writes bench/results/train_throughput.json.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+RESULTS = REPO / "bench" / "results"
+SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376)
+LORA = {"qv-r8": dict(lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]),
+        "all-r16": dict(lora_r=16, lora_alpha=32, lora_target_modules="all-linear")}
+
+
+def build_base(folder: Path) -> Path:
+    """Random LLaMA-shaped weights with the LLaMA tokenizer (or, without ../shared, the demo tokenizer)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_model = SHARED / "models" / "llama-tokenizer" / "tokenizer.model"
+    if tokenizer_model.exists():
+        shutil.copy(tokenizer_model, folder / "tokenizer.model")
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    else:
+        print(f"note: {tokenizer_model} is absent; using the demo tokenizer (vocabulary far below 32,000)")
+        from alpaca_lora.demo import DemoConfig, build_demo_model
+
+        build_demo_model(DemoConfig(output_dir=str(folder), pretrain_steps=0))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=SHAPE["num_attention_heads"],
+                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         **SHAPE)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def data_file() -> Path:
+    cleaned = SHARED / "data" / "alpaca_sample_cleaned.json"
+    if cleaned.exists():
+        return cleaned
+    print(f"note: {cleaned} is absent; using data/seed_tasks.jsonl (shorter than real Alpaca rows)")
+    return REPO / "data" / "seed_tasks.jsonl"
+
+
+def peak_matmul_flops(dtype_name: str) -> float:
+    """The physical limit here: FLOP/s of a large square matmul in the given dtype, best of several."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * 2048 ** 3 / (time.perf_counter() - started))
+    return best
+
+
+def worker(args) -> None:
+    """One training run in this process; prints one JSON line of measurements."""
+    from alpaca_lora.train import TrainConfig, padded_loss, response_only_loss, train
+
+    config = TrainConfig(
+        base_model=args.base, data_path=args.data, output_dir=args.output_dir, batch_size=args.batch_size,
+        micro_batch_size=4, num_epochs=1, max_steps=args.steps, cutoff_len=args.cutoff, val_set_size=args.val_rows,
+        learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
+        save_steps=10_000, seed=0, bf16=args.dtype == "bf16", packing=args.path == "ours", **LORA[args.lora])
+    result = train(config, loss_sum=response_only_loss if args.path == "ours" else padded_loss)
+    timed = result.history[1:]  # the first step pays for allocation and kernel selection
+    seconds = sum(r["seconds"] for r in timed)
+    print("RESULT " + json.dumps({
+        "real_tokens_per_second": sum(r["real_tokens"] for r in timed) / seconds,
+        "target_tokens_per_second": sum(r["target_tokens"] for r in timed) / seconds,
+        "seconds_per_step": seconds / len(timed),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "padding_fraction": result.summary["padding_fraction"],
+        "eval_loss": result.summary["final_validation_loss"],
+        "train_losses": [r["loss"] for r in result.history],
+    }))
+
+
+def useful_flops_per_second(measured: dict, cutoff: int) -> float:
+    """4 x decoder parameters per token (+ attention, at the mean example length) and 4 x hidden x vocab
+    per target token: the work any implementation of this training step must do."""
+    h, layers, mlp, vocab = SHAPE["hidden_size"], SHAPE["num_hidden_layers"], SHAPE["intermediate_size"], 32000
+    decoder_params = layers * (4 * h * h + 3 * h * mlp)
+    attention_per_token = layers * 4 * 2 * h * min(cutoff, 150) / 2  # QK^T and AV over ~half a typical example
+    return (measured["real_tokens_per_second"] * (4 * decoder_params + 4 * attention_per_token)
+            + measured["target_tokens_per_second"] * 4 * h * vocab)
+
+
+def run(args) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = build_base(RESULTS / "llama-shaped-base")
+    data = data_file()
+    peaks = {dtype: peak_matmul_flops(dtype) for dtype in ("fp32", "bf16")}
+    print(f"peak matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    configs = [(lora, cutoff, dtype) for lora in LORA for cutoff in (256, 512) for dtype in ("fp32", "bf16")]
+    configs += [("qv-r8", 1024, "bf16")]
+    if args.quick:
+        configs = [("qv-r8", 256, "bf16")]
+    rows = []
+    for lora, cutoff, dtype in configs:
+        row = {"lora": lora, "cutoff": cutoff, "dtype": dtype}
+        for path in ("standard", "ours"):  # alternating, one fresh process each
+            command = [sys.executable, __file__, "--worker", "--path", path, "--lora", lora, "--cutoff", str(cutoff),
+                       "--dtype", dtype, "--base", str(base), "--data", str(data), "--steps", str(args.steps),
+                       "--batch_size", str(args.batch_size), "--val_rows", str(args.val_rows),
+                       "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}")]
+            completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+            lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
+            if completed.returncode or not lines:
+                sys.exit(f"bench: the {path} run of {row} failed:\n{completed.stderr[-3000:]}")
+            measured = json.loads(lines[-1][len("RESULT "):])
+            measured["mfu"] = useful_flops_per_second(measured, cutoff) / peaks[dtype]
+            row[path] = measured
+            print(f"  {lora} cutoff {cutoff} {dtype} {path}: {measured['real_tokens_per_second']:.0f} tokens/s, "
+                  f"{measured['peak_rss_mb']:.0f} MB, eval loss {measured['eval_loss']:.5f}", flush=True)
+        row["speedup"] = row["ours"]["real_tokens_per_second"] / row["standard"]["real_tokens_per_second"]
+        row["memory_ratio"] = row["ours"]["peak_rss_mb"] / row["standard"]["peak_rss_mb"]
+        row["eval_loss_relative_difference"] = abs(row["ours"]["eval_loss"] / row["standard"]["eval_loss"] - 1)
+        rows.append(row)
+    best = {}
+    for lora, cutoff in {(r["lora"], r["cutoff"]) for r in rows}:
+        group = [r for r in rows if (r["lora"], r["cutoff"]) == (lora, cutoff)]
+        standard = max(group, key=lambda r: r["standard"]["real_tokens_per_second"])
+        ours = max(group, key=lambda r: r["ours"]["real_tokens_per_second"])
+        best[f"{lora} cutoff {cutoff}"] = {
+            "standard_dtype": standard["dtype"], "ours_dtype": ours["dtype"],
+            "speedup": ours["ours"]["real_tokens_per_second"] / standard["standard"]["real_tokens_per_second"],
+            "memory_ratio": ours["ours"]["peak_rss_mb"] / standard["standard"]["peak_rss_mb"]}
+    report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+              "steps": args.steps, "batch_size": args.batch_size, "micro_batch_size": 4, "data": str(data),
+              "peak_flops": peaks, "rows": rows, "best_settings_each": best}
+    (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2))
+    print(_table(rows, best))
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def _table(rows, best) -> str:
+    lines = ["| LoRA | cutoff | dtype | path | real tokens/s | s/step | peak RSS MB | padding | MFU | eval loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for path in ("standard", "ours"):
+            m = r[path]
+            lines.append(f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {path} | {m['real_tokens_per_second']:.0f} | "
+                         f"{m['seconds_per_step']:.2f} | {m['peak_rss_mb']:.0f} | {m['padding_fraction']:.1%} | "
+                         f"{m['mfu']:.1%} | {m['eval_loss']:.5f} |")
+    lines += ["", "| LoRA | cutoff | dtype | ours / standard tokens/s | memory ratio | eval loss rel. diff |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} | "
+              f"{r['eval_loss_relative_difference']:.1e} |" for r in rows]
+    lines += ["", "| LoRA, cutoff | best standard | best ours | speedup | memory ratio |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['standard_dtype']} | {v['ours_dtype']} | {v['speedup']:.2f}x | {v['memory_ratio']:.2f} |"
+              for k, v in sorted(best.items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--val_rows", type=int, default=48)
+    parser.add_argument("--quick", action="store_true", help="one configuration only")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("path", "lora", "dtype", "base", "data", "output_dir"):
+        parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    parser.add_argument("--cutoff", type=int, default=256, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    worker(arguments) if arguments.worker else run(arguments)
