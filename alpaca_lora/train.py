@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .data import (IGNORE_INDEX, load_rows, pack_rows, packed_collate, pad_collate, plan_micro_batches, split_rows,
-                   tokenize_rows, validate_rows)
+                   tokenize_rows_cached, validate_rows)
 from .model import attach_lora, fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
 
@@ -94,6 +94,8 @@ class TrainConfig:
         "help": "lay a step's examples end to end (attention kept within each example) in rows of up to cutoff_len "
                 "tokens, micro_batch_size rows per pass; False: one padded row per example"})
     torch_compile: bool = field(default=False, metadata={"help": "compile the decoder with torch.compile"})
+    tokenized_cache_dir: str = field(default="~/.cache/alpaca-lora/tokenized", metadata={
+        "help": "where tokenized data is cached (keyed by rows, tokenizer, template, cutoff); '' turns it off"})
 
     def validated(self) -> "TrainConfig":
         """A copy with normalised values, or a ValueError naming the flag, its value and a fix."""
@@ -101,8 +103,8 @@ class TrainConfig:
         if not isinstance(c.base_model, str) or not c.base_model:
             raise ValueError("--base_model is required: a hub id or a local model folder")
         for name in ("data_path", "output_dir", "prompt_template_name", "wandb_project", "wandb_run_name",
-                     "resume_from_checkpoint", "lr_scheduler"):
-            setattr(c, name, "" if getattr(c, name) is None else str(getattr(c, name)))
+                     "resume_from_checkpoint", "lr_scheduler", "tokenized_cache_dir"):
+            setattr(c, name, "" if getattr(c, name) in (None, False) else str(getattr(c, name)))
         for name, minimum in (("batch_size", 1), ("micro_batch_size", 1), ("num_epochs", 1), ("cutoff_len", 2),
                               ("val_set_size", 0), ("lora_r", 1), ("lora_alpha", 1), ("max_steps", 0),
                               ("logging_steps", 1), ("eval_steps", 1), ("save_steps", 1), ("save_total_limit", 1),
@@ -171,8 +173,8 @@ def response_only_loss(model, batch: dict) -> torch.Tensor:
     """The LM head and cross-entropy only where a target exists (the response, unless train_on_inputs).
 
     The decoder runs on every token (the prompt is context), but the [tokens x vocab] logits, the
-    largest tensor of a step with a 32K vocabulary, are made only for target positions, in chunks
-    whose logits are recomputed in backward instead of kept. Same loss and gradients as padded_loss.
+    largest tensor of a step with a 32K vocabulary, are made only for target positions, a chunk at a
+    time, and never kept for backward (see HeadCrossEntropy). Same loss and gradients as padded_loss.
     """
     causal_lm = model.get_base_model()  # peft wrapper -> e.g. LlamaForCausalLM
     hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
@@ -180,15 +182,49 @@ def response_only_loss(model, batch: dict) -> torch.Tensor:
     has_target = batch["targets"] != IGNORE_INDEX
     hidden, targets = hidden[has_target], batch["targets"][has_target]  # [targets, hidden], [targets]
     head = causal_lm.get_output_embeddings()
-
-    def chunk_loss(hidden_chunk, target_chunk):
-        return F.cross_entropy(head(hidden_chunk).float(), target_chunk, reduction="sum")
-
+    if type(head) is torch.nn.Linear and not head.weight.requires_grad and head.bias is None:
+        return HeadCrossEntropy.apply(hidden, head.weight, targets)
+    # a trainable or adapted head (e.g. LoRA on lm_head): the same chunks through autograd, recomputed in backward
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), LOGIT_CHUNK):
         chunk = slice(start, start + LOGIT_CHUNK)
-        total = total + checkpoint(chunk_loss, hidden[chunk], targets[chunk], use_reentrant=False)
+        total = total + checkpoint(lambda h, t: F.cross_entropy(head(h).float(), t, reduction="sum"),
+                                   hidden[chunk], targets[chunk], use_reentrant=False)
     return total
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) for a frozen head, chunk by chunk.
+
+    Forward computes each chunk's logits, its loss, and at once its gradient with respect to `hidden`
+    (softmax - one_hot) @ weight, then drops the logits: backward only scales the saved [targets, hidden]
+    gradient. That is the forward matmul plus one gradient matmul per target, the minimum, and no
+    [targets x vocab] tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        # under autocast the matmuls run in the autocast dtype, like the nn.Linear they replace
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        weight_c = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=dtype)
+        for start in range(0, len(targets), LOGIT_CHUNK):
+            chunk = slice(start, start + LOGIT_CHUNK)
+            logits = (hidden[chunk].to(dtype) @ weight_c.T).float()  # [chunk, vocab]
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, targets[chunk, None]).squeeze(1)).sum()
+            probabilities = torch.exp(logits - log_z[:, None])  # d loss / d logits = softmax - one_hot
+            probabilities[torch.arange(len(probabilities), device=hidden.device), targets[chunk]] -= 1
+            grad_hidden[chunk] = (probabilities.to(dtype) @ weight_c).to(dtype)
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None
 
 
 class LossModule(torch.nn.Module):
@@ -236,8 +272,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     loaded = load_rows(config.data_path)
     rows, num_bad = validate_rows(loaded, config.skip_bad_rows)
     train_rows, val_rows = split_rows(rows, config.val_set_size, config.seed)
-    train_set = tokenize_rows(train_rows, tokenizer, template, config.cutoff_len, config.train_on_inputs)
-    val_set = tokenize_rows(val_rows, tokenizer, template, config.cutoff_len, config.train_on_inputs)
+    train_set, val_set = (tokenize_rows_cached(part, tokenizer, template, config.cutoff_len, config.train_on_inputs,
+                                               config.tokenized_cache_dir) for part in (train_rows, val_rows))
     if train_set.num_fitting == 0:
         raise ValueError(f"--cutoff_len {config.cutoff_len}: no training example fits (prompt + response + EOS); "
                          "raise --cutoff_len")

@@ -3,8 +3,9 @@ import json
 import pytest
 from conftest import ALPACA_CLEANED, ALPACA_ORIGINAL, REPO, needs_shared
 
+from alpaca_lora import data as data_module
 from alpaca_lora.data import (IGNORE_INDEX, load_rows, pad_collate, plan_micro_batches, split_rows, tokenize_rows,
-                              validate_rows)
+                              tokenize_rows_cached, validate_rows)
 from alpaca_lora.model import load_tokenizer
 from alpaca_lora.templates import load_template
 
@@ -173,3 +174,24 @@ def test_pad_collate_pads_right_to_a_multiple_of_8(tiny_base):
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
         assert set(batch["input_ids"][row, n:].tolist()) <= {tokenizer.pad_token_id}
         assert set(batch["targets"][row, n:].tolist()) <= {IGNORE_INDEX}
+
+
+def test_tokenized_data_is_cached_under_everything_that_decides_it(tiny_base, alpaca_rows, tmp_path, monkeypatch):
+    tokenizer, template = load_tokenizer(str(tiny_base)), load_template("alpaca")
+    cache = str(tmp_path / "cache")
+    first = tokenize_rows_cached(alpaca_rows, tokenizer, template, 96, False, cache)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again despite the cache")
+    monkeypatch.setattr(data_module, "tokenize_rows", no_tokenizing)
+    again = tokenize_rows_cached(alpaca_rows, tokenizer, template, 96, False, cache)
+    assert again == first and first.num_truncated > 0  # examples, truncation flags and counts all come back
+    monkeypatch.undo()
+    for changed in (dict(cutoff_len=128), dict(train_on_inputs=True), dict(template=load_template("alpaca_short")),
+                    dict(rows=alpaca_rows[:-1])):
+        arguments = dict(rows=alpaca_rows, tokenizer=tokenizer, template=template, cutoff_len=96, train_on_inputs=False)
+        tokenize_rows_cached(**{**arguments, **changed}, cache_dir=cache)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 5
+    assert tokenize_rows_cached(alpaca_rows, tokenizer, template, 96, False, cache_dir="") == first  # off: no file
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 5
