@@ -43,3 +43,11 @@ def make_demo_model() -> None:
 
     _run("make_demo_model.py", DemoConfig, build_demo_model,
          "Build a tiny LLaMA-architecture model and tokenizer locally, for the demo and tests.")
+
+
+def generate() -> None:
+    from .generate import GenerateConfig, run_generate
+
+    _run("generate.py", GenerateConfig, run_generate,
+         "Answer instructions with a base model + LoRA adapter: one-shot, interactive, batch file, or an "
+         "OpenAI-compatible server with a web page.")

@@ -180,6 +180,8 @@ def split_rows(rows: list[dict], val_set_size: int, seed: int) -> tuple[list[dic
 
 def tokenize_rows(rows: list[dict], tokenizer, template, cutoff_len: int, train_on_inputs: bool) -> TokenizedSet:
     """Token ids and shifted targets for every row; prompt and response tokenized separately, in batches."""
+    if not rows:  # e.g. the validation split with val_set_size 0
+        return TokenizedSet(examples=[], num_truncated=0, num_without_targets=0, num_fitting=0)
     prompts = [template.prompt(row["instruction"], row["input"]) for row in rows]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer([row["output"] for row in rows], add_special_tokens=False)["input_ids"]

@@ -64,3 +64,17 @@ def llama_tokenizer(tmp_path_factory):
 def run_script(*args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_base, alpaca_rows, tmp_path_factory) -> Path:
+    """A LoRA adapter trained for 2 steps on the tiny base, as finetune.py writes it."""
+    from alpaca_lora.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("adapter")
+    data = folder / "rows.json"
+    data.write_text(json.dumps(alpaca_rows))
+    train(TrainConfig(base_model=str(tiny_base), data_path=str(data), output_dir=str(folder / "adapter"), batch_size=8,
+                      micro_batch_size=4, max_steps=2, val_set_size=0, cutoff_len=512, learning_rate=5e-2,
+                      warmup_steps=0, bf16=False, tokenized_cache_dir=""))
+    return folder / "adapter"

@@ -1,0 +1,113 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import REPO, run_script
+
+from alpaca_lora.generate import Generator, Sampling, answer_file, describe_adapter
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_adapter):
+    return Generator(lora_weights=str(tiny_adapter), bf16=False, device="cpu")
+
+
+def test_the_adapter_folder_is_enough(tiny_adapter, tiny_base, generator):
+    assert describe_adapter(str(tiny_adapter)) == {"base_model": str(tiny_base), "prompt_template": "alpaca"}
+    assert generator.template.name == "alpaca"
+    assert type(generator.model).__name__ == "PeftModelForCausalLM"
+
+
+def test_prompt_ids_are_the_training_layout(generator):
+    prompt = generator.build_prompt("Name a colour.")
+    ids = generator.prompt_ids(prompt)
+    assert ids[0] == generator.tokenizer.bos_token_id and ids[-1] != generator.tokenizer.eos_token_id
+    assert generator.tokenizer.decode(ids[1:]) == prompt
+
+
+def test_each_answer_of_a_batch_equals_the_prompt_answered_alone(generator):
+    prompts = [generator.build_prompt(i) for i in ("Hi.", "Give three tips for staying healthy, please.", "Why?")]
+    batched = generator.answer(prompts, GREEDY)
+    for prompt, answer in zip(prompts, batched):
+        alone = generator.answer([prompt], GREEDY)[0]
+        assert answer == alone
+    assert all(a.completion_tokens <= 12 and "</s>" not in a.text for a in batched)
+
+
+def test_sampling_flags_mean_what_they_say(generator):
+    prompt = [generator.build_prompt("Tell a story.")]
+    assert GREEDY.generate_kwargs()["do_sample"] is False
+    hot = Sampling(temperature=5.0, top_k=0, top_p=1.0, max_new_tokens=12)
+    assert hot.generate_kwargs()["do_sample"] is True
+    assert generator.answer(prompt, GREEDY) == generator.answer(prompt, GREEDY)
+    samples = {generator.answer(prompt, hot, seed=s)[0].text for s in range(4)}
+    assert len(samples) > 1  # sampling at temperature 5 over a 512-token vocabulary varies
+    assert generator.answer(prompt, hot, seed=7) == generator.answer(prompt, hot, seed=7)
+    beams = generator.answer(prompt, Sampling(temperature=0.0, num_beams=3, max_new_tokens=12))[0]
+    assert beams.completion_tokens > 0
+    with pytest.raises(ValueError, match=r"--temperature -1: must be a number"):
+        Sampling(temperature=-1).validated(100)
+    with pytest.raises(ValueError, match=r"--max_new_tokens 500: must be a whole number in \[1, 100\]"):
+        Sampling(max_new_tokens=500).validated(100)
+
+
+def test_streamed_text_is_the_answer(generator):
+    prompt = generator.build_prompt("Say something.")
+    pieces = list(generator.stream(prompt, GREEDY))
+    answer = pieces[-1]
+    assert "".join(pieces[:-1]).strip() == answer.text == generator.answer([prompt], GREEDY)[0].text
+
+
+def test_batch_file_resumes_without_duplicates(generator, tmp_path, alpaca_rows):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:5]))
+    out = tmp_path / "answers.jsonl"
+    assert answer_file(generator, str(rows), str(out), GREEDY, 2, None, progress=lambda m: None) == 5
+    complete = out.read_text().splitlines()
+    # an interrupted run: the last two answers lost, and half a line written
+    out.write_text("\n".join(complete[:3]) + "\n" + complete[3][:20])
+    assert answer_file(generator, str(rows), str(out), GREEDY, 2, None, progress=lambda m: None) == 2
+    resumed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert resumed == [json.loads(line) for line in complete]
+    assert [r["instruction"] for r in resumed] == [r["instruction"] for r in alpaca_rows[:5]]
+
+
+def test_an_adapter_for_another_base_is_refused(tiny_adapter, tmp_path):
+    from alpaca_lora.demo import DemoConfig, build_demo_model
+
+    other = build_demo_model(DemoConfig(output_dir=str(tmp_path / "other"), vocab_size=512, hidden_size=96,
+                                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        pretrain_steps=0))
+    with pytest.raises(ValueError, match=r"--lora_weights .*does not fit --base_model"):
+        Generator(base_model=str(other), lora_weights=str(tiny_adapter), bf16=False, device="cpu")
+    with pytest.raises(ValueError, match=r"--lora_weights .*no adapter_config.json"):
+        Generator(lora_weights=str(tmp_path), bf16=False, device="cpu")
+
+
+def test_one_shot_and_interactive_from_the_command_line(tiny_adapter, generator):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    expected = generator.answer([generator.build_prompt("Name a colour.")], GREEDY)[0].text
+    one = run_script(REPO / "generate.py", "--lora_weights", tiny_adapter, "--instruction", "Name a colour.",
+                     "--temperature", 0, "--max_new_tokens", 12, "--bf16", False, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.stdout.strip().splitlines()[-1] == expected
+    session = __import__("subprocess").run(
+        [__import__("sys").executable, str(REPO / "generate.py"), "--lora_weights", str(tiny_adapter),
+         "--temperature", "0", "--max_new_tokens", "12", "--bf16", "False"],
+        input="Name a colour.\n\nexit\n", capture_output=True, text=True, env=env, timeout=300)
+    assert session.returncode == 0, session.stderr[-2000:]
+    assert "Instruction: Input (optional): " + expected in session.stdout
+
+
+def test_bad_input_file_is_one_line(tiny_adapter, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n')
+    result = run_script(REPO / "generate.py", "--lora_weights", tiny_adapter, "--input_file", bad,
+                        "--output_file", tmp_path / "o.jsonl", "--bf16", False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"generate.py: error: {bad}: 1 bad row(s) of 1: row 1: 'output'")
+    missing = run_script(REPO / "generate.py", "--lora_weights", tmp_path / "nothing")
+    assert missing.returncode == 1 and "generate.py: error: --lora_weights" in missing.stderr.strip().splitlines()[-1]
