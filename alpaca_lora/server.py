@@ -70,6 +70,9 @@ def make_server(generator: Generator, host: str, port: int, api_key: str = "", m
                 if not isinstance(stream, bool):
                     raise RequestError(400, "'stream' must be true or false", "stream")
                 if stream:
+                    if sampling.num_beams > 1:
+                        raise RequestError(400, "num_beams > 1 cannot stream: beam search settles the text only at "
+                                                "the end; send stream: false", "num_beams")
                     return self._stream(prompt, sampling, seed, chat)
                 answer = generator.answer([prompt], sampling, seed)[0]
                 return self._json(200, _completion(generator.name, answer, chat))
