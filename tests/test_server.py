@@ -135,3 +135,39 @@ def test_concurrent_requests_are_not_interleaved(client):
 def test_the_page_is_served_without_a_key(server):
     page = urllib.request.urlopen(server + "/").read().decode()
     assert "<title>alpaca-lora</title>" in page and "/v1/chat/completions" in page
+
+
+def test_the_page_streams_an_answer_in_headless_chromium(server, client, tmp_path):
+    """Type an instruction into the page, press the button, see the streamed answer (Debian's chromium)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        browser.get(server + "/")
+        browser.find_element(By.ID, "instruction").send_keys("Name a colour.")
+        for field, value in (("temperature", "0"), ("max_tokens", "12")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        browser.find_element(By.ID, "api_key").send_keys(KEY)
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "answer").get_attribute("data-done") == "true")
+        shown = browser.find_element(By.ID, "answer").text
+        assert browser.find_element(By.ID, "status").text == ""
+    finally:
+        browser.quit()
+    expected = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}],
+                                              temperature=0, max_tokens=12).choices[0].message.content
+    assert shown.strip() == expected.strip() and expected
