@@ -36,7 +36,7 @@ class DemoConfig:
 def build_demo_model(config: DemoConfig) -> Path:
     """Train the tokenizer, initialise the model, save both as a Hugging Face folder; returns the folder."""
     import sentencepiece as spm
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     loaded = load_rows(config.data_path)
     rows, _ = validate_rows(loaded, skip_bad_rows=True)
@@ -52,13 +52,7 @@ def build_demo_model(config: DemoConfig) -> Path:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, character_coverage=1.0,
         num_threads=1, minloglevel=2)
     output_dir = Path(config.output_dir).expanduser()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "tokenizer.model").write_bytes(model_file.getvalue())
-    (output_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": config.max_position_embeddings}))
-    tokenizer = AutoTokenizer.from_pretrained(output_dir)  # converts tokenizer.model to the fast tokenizer
-    tokenizer.save_pretrained(output_dir)
+    tokenizer = save_llama_tokenizer(output_dir, model_file.getvalue())
 
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
@@ -77,6 +71,22 @@ def build_demo_model(config: DemoConfig) -> Path:
     print(f"demo model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocabulary {len(tokenizer)}, saved to {output_dir}")
     return output_dir
+
+
+def save_llama_tokenizer(folder: Path, sentencepiece_model: bytes):
+    """A LLaMA tokenizer folder from a SentencePiece model's bytes: tokenizer.model, its config, and the fast
+    tokenizer.json converted from it. Loading a folder is the reliable way: LlamaTokenizer(vocab_file=...)
+    silently yields a 3-token vocabulary in transformers 5."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def _pretrain(model, tokenizer, texts: list[str], steps: int, sequence_length: int = 128, batch_size: int = 16) -> None:

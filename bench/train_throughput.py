@@ -33,36 +33,6 @@ LORA = {"qv-r8": dict(lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v
         "all-r16": dict(lora_r=16, lora_alpha=32, lora_target_modules="all-linear")}
 
 
-def build_base(folder: Path) -> Path:
-    """Random LLaMA-shaped weights with the LLaMA tokenizer (or, without ../shared, the demo tokenizer)."""
-    import shutil
-
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    if (folder / "config.json").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer_model = SHARED / "models" / "llama-tokenizer" / "tokenizer.model"
-    if tokenizer_model.exists():
-        shutil.copy(tokenizer_model, folder / "tokenizer.model")
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    else:
-        print(f"note: {tokenizer_model} is absent; using the demo tokenizer (vocabulary far below 32,000)")
-        from alpaca_lora.demo import DemoConfig, build_demo_model
-
-        build_demo_model(DemoConfig(output_dir=str(folder), pretrain_steps=0))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=SHAPE["num_attention_heads"],
-                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                         **SHAPE)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 def data_file() -> Path:
     cleaned = SHARED / "data" / "alpaca_sample_cleaned.json"
     if cleaned.exists():
@@ -128,7 +98,9 @@ def useful_flops_per_second(measured: dict, cutoff: int) -> float:
 
 def run(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    base = build_base(RESULTS / "llama-shaped-base")
+    from alpaca_lora.bench import random_llama
+
+    base = random_llama(RESULTS / "llama-shaped-base", SHAPE, SHARED / "models" / "llama-tokenizer" / "tokenizer.model")
     data = data_file()
     peaks = {dtype: peak_matmul_flops(dtype) for dtype in ("fp32", "bf16")}
     print(f"peak matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")

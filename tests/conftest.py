@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny LLaMA built in about a second, small Alpaca files, the real LLaMA tokenizer."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,13 +51,9 @@ def llama_tokenizer(tmp_path_factory):
     """The real LLaMA tokenizer from ../shared, loaded the way users load it: from a folder."""
     if not LLAMA_TOKENIZER.exists():
         pytest.skip(f"{LLAMA_TOKENIZER} is absent (../shared is not beside this clone)")
-    from transformers import AutoTokenizer
+    from alpaca_lora.demo import save_llama_tokenizer
 
-    folder = tmp_path_factory.mktemp("llama-tokenizer")
-    shutil.copy(LLAMA_TOKENIZER, folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return AutoTokenizer.from_pretrained(folder)
+    return save_llama_tokenizer(tmp_path_factory.mktemp("llama-tokenizer"), LLAMA_TOKENIZER.read_bytes())
 
 
 def run_script(*args, cwd=REPO, env=None, timeout=600) -> subprocess.CompletedProcess:

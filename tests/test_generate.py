@@ -111,3 +111,21 @@ def test_bad_input_file_is_one_line(tiny_adapter, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"generate.py: error: {bad}: 1 bad row(s) of 1: row 1: 'output'")
     missing = run_script(REPO / "generate.py", "--lora_weights", tmp_path / "nothing")
     assert missing.returncode == 1 and "generate.py: error: --lora_weights" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(generator, monkeypatch):
+    from alpaca_lora import generate as generate_module
+
+    seen_stop = []
+
+    def interrupted_stream(prompt, sampling, seed, stop_event):
+        yield "Once"
+        seen_stop.append(stop_event)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while it waits for the next token
+    monkeypatch.setattr(generator, "stream", interrupted_stream)
+    lines = iter(["Tell a long story.", "", "exit"])
+    written = []
+    generate_module.interactive(generator, GREEDY, None, read=lambda prompt: next(lines),
+                                write=lambda text="", end="\n", flush=False: written.append(text + end))
+    assert "".join(written).endswith("Once [stopped]\n")
+    assert seen_stop[0].is_set()  # the generation thread is told to stop

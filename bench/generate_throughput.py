@@ -1,0 +1,113 @@
+"""Generation throughput: new tokens per second, one prompt at a time and in batches, and through the server.
+
+    python bench/generate_throughput.py [--new_tokens 32] [--quick]
+
+Models (random weights, so every answer runs to max_new_tokens and the counts are comparable): the demo size
+(hidden 128, 4 layers, 1,024-token vocabulary) and a LLaMA-shaped model of about 200M parameters (hidden 1024,
+12 layers, 16 heads, MLP 2816, the 32,000-token LLaMA vocabulary where ../shared has it). Each gets an adapter
+(LoRA r=8 on q,v) and answers real Alpaca instructions greedily; the rate counts the tokens actually generated. Server: 8 clients at once, each asking for
+the same number of tokens, through the OpenAI client. Prints a table and writes bench/results/generate_throughput.json.
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO))
+
+MODELS = {"demo": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4),
+          "llama-200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16)}
+
+
+def build(name: str, shape: dict) -> Path:
+    """Base model + a randomly initialised adapter folder (lora_B non-zero, so it has an effect)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alpaca_lora.bench import random_llama
+
+    folder = RESULTS / f"generate-{name}"
+    if (folder / "adapter" / "adapter_config.json").exists():
+        return folder / "adapter"
+    tokenizer_model = None if name == "demo" else SHARED / "models" / "llama-tokenizer" / "tokenizer.model"
+    base = random_llama(folder / "base", shape, tokenizer_model)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                             LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(folder / "adapter")  # records base's path as base_model_name_or_path
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "adapter")
+    return folder / "adapter"
+
+
+def instructions(count: int) -> list[str]:
+    path = SHARED / "data" / "alpaca_sample_cleaned.json"
+    rows = json.loads(path.read_text()) if path.exists() else [
+        json.loads(line) for line in (REPO / "data" / "seed_tasks.jsonl").read_text().splitlines()]
+    return [r["instruction"] for r in rows[:count]]
+
+
+def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int) -> dict:
+    import openai
+
+    from alpaca_lora.generate import Generator, Sampling
+    from alpaca_lora.server import make_server
+
+    generator = Generator(lora_weights=str(adapter), device="cpu")
+    parameters = sum(p.numel() for p in generator.model.parameters())
+    sampling = Sampling(temperature=0.0, max_new_tokens=new_tokens)  # random weights rarely hit EOS: ~full length
+    prompts = [generator.build_prompt(i) for i in instructions(max(batch_sizes) * 2)]
+    generator.answer(prompts[:2], sampling)  # warm-up
+    result = {"parameters": parameters, "dtype": str(next(generator.model.parameters()).dtype), "batches": {}}
+    for batch_size in batch_sizes:
+        started = time.perf_counter()
+        answers = generator.answer(prompts[:batch_size], sampling)
+        seconds = time.perf_counter() - started
+        result["batches"][batch_size] = sum(a.completion_tokens for a in answers) / seconds
+        print(f"  batch {batch_size}: {result['batches'][batch_size]:.1f} new tokens/s", flush=True)
+    server = make_server(generator, "127.0.0.1", 0, default_sampling=sampling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none", max_retries=0,
+                           timeout=600)
+    tokens = [0] * clients
+
+    def ask(i):
+        reply = client.completions.create(model="x", prompt=prompts[i], temperature=0, max_tokens=new_tokens)
+        tokens[i] = reply.usage.completion_tokens
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result["server_clients"] = clients
+    result["server_tokens_per_second"] = sum(tokens) / (time.perf_counter() - started)
+    print(f"  server, {clients} concurrent clients: {result['server_tokens_per_second']:.1f} new tokens/s", flush=True)
+    server.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="the demo-size model only")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "new_tokens": args.new_tokens,
+              "models": {}}
+    for name, shape in MODELS.items():
+        if args.quick and name != "demo":
+            continue
+        print(name, flush=True)
+        report["models"][name] = measure(build(name, shape), args.new_tokens, [1, 8, 32], clients=8)
+    (RESULTS / "generate_throughput.json").write_text(json.dumps(report, indent=2))
+    print("| model | parameters | dtype | 1 prompt | batch 8 | batch 32 | server, 8 clients |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in report["models"].items():
+        b = r["batches"]
+        print(f"| {name} | {r['parameters'] / 1e6:.0f}M | {r['dtype']} | {b[1]:.1f} | {b[8]:.1f} | {b[32]:.1f} | "
+              f"{r['server_tokens_per_second']:.1f} |")
