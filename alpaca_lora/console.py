@@ -51,3 +51,11 @@ def generate() -> None:
     _run("generate.py", GenerateConfig, run_generate,
          "Answer instructions with a base model + LoRA adapter: one-shot, interactive, batch file, or an "
          "OpenAI-compatible server with a web page.")
+
+
+def export() -> None:
+    from .export import ExportConfig, export
+
+    _run("export_hf.py", ExportConfig, export,
+         "Merge a LoRA adapter into its base model and export it: a Hugging Face folder, a GGUF file for llama.cpp, "
+         "or Meta's checkpoint layout, each verified before it is written.")
