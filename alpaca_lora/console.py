@@ -24,10 +24,14 @@ def _fire_command(config_cls, run, summary: str):
 
 
 def _run(prog: str, config_cls, run, summary: str) -> None:
+    _fire(prog, _fire_command(config_cls, run, summary))
+
+
+def _fire(prog: str, component, argv=None) -> None:
     import fire
 
     try:
-        fire.Fire(_fire_command(config_cls, run, summary), name=prog)
+        fire.Fire(component, command=argv, name=prog)
     except ValueError as error:
         sys.exit(f"{prog}: error: {error}")
 
@@ -59,3 +63,16 @@ def export() -> None:
     _run("export_hf.py", ExportConfig, export,
          "Merge a LoRA adapter into its base model and export it: a Hugging Face folder, a GGUF file for llama.cpp, "
          "or Meta's checkpoint layout, each verified before it is written.")
+
+
+def self_instruct() -> None:
+    from .self_instruct import SelfInstructConfig, clean_file, regenerate
+
+    if sys.argv[1:2] == ["clean"]:
+        def clean(input_path: str, output_path: str):
+            """Clean an Alpaca-format file: python self_instruct.py clean IN.json OUT.json"""
+            clean_file(input_path, output_path)
+        return _fire("self_instruct.py clean", clean, sys.argv[2:])
+    _run("self_instruct.py", SelfInstructConfig, regenerate,
+         "Regenerate Alpaca-style instruction data through an OpenAI-compatible API (OPENAI_API_KEY), or "
+         "'self_instruct.py clean IN OUT' to clean a data file.")

@@ -29,7 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .templates import shipped_folder
+
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that take no loss
+SEED_TASKS = shipped_folder("data", "project_data") / "seed_tasks.jsonl"  # the project's own seed tasks
 MAX_LISTED_BAD_ROWS = 5
 
 
@@ -332,3 +335,10 @@ def packed_collate(rows: list[list[Example]], pad_token_id: int, pad_to_multiple
             start += n
         position_ids[r, start:] = torch.arange(width - start)  # the filler: a segment of its own
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """A kill mid-write can leave half a JSONL line; appending after it would glue two records together."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])

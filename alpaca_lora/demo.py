@@ -12,10 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .data import load_rows, validate_rows
-from .templates import available_templates, load_template, shipped_folder
-
-SEED_TASKS = shipped_folder("data", "project_data") / "seed_tasks.jsonl"
+from .data import SEED_TASKS, load_rows, validate_rows
+from .templates import available_templates, load_template
 
 
 @dataclass

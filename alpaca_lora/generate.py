@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_rows, validate_rows
+from .data import drop_partial_last_line, load_rows, validate_rows
 from .model import fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
 
@@ -199,7 +199,7 @@ def answer_file(generator: Generator, input_file: str, output_file: str, samplin
                 done.add((record["instruction"], record.get("input", "")))
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by a kill: that row is answered again
-        _drop_partial_last_line(output)
+        drop_partial_last_line(output)
     todo = [row for row in rows if (row["instruction"], row["input"]) not in done]
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "a", encoding="utf-8") as out:
@@ -214,13 +214,6 @@ def answer_file(generator: Generator, input_file: str, output_file: str, samplin
             out.flush()
             progress(f"{len(done) + start + len(batch)}/{len(rows)} rows answered")
     return len(todo)
-
-
-def _drop_partial_last_line(path: Path) -> None:
-    """A kill mid-write can leave half a line; appending after it would glue two records together."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
 @dataclass
