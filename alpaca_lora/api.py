@@ -21,8 +21,9 @@ PRICES_PER_1K = {
 }
 
 
-class FatalAPIError(Exception):
-    """An error no retry can fix (authentication, permission, unknown model, missing key)."""
+class FatalAPIError(ValueError):
+    """An error no retry can fix (authentication, permission, unknown model, missing key): the command line
+    shows it as its one-line error, like any other bad input."""
 
 
 @dataclass

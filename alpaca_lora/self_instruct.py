@@ -29,6 +29,7 @@ BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file"
              "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 NO_INPUT = re.compile(r"^\s*(<\s*no\s*input\s*>|no\s*input\.?|noinput|n/?a|none|-|\"\")\s*$", re.IGNORECASE)
 OUTPUT_FILE, STATE_FILE, SUMMARY_FILE = "regen.jsonl", "state.json", "summary.json"
+MAX_BARREN_BATCHES = 20
 
 
 # ---- ROUGE-L, as rouge_score computes it (no stemming), and fast ----
@@ -176,11 +177,15 @@ def parse_tasks(answer: str, first_number: int) -> tuple[list[dict], dict]:
         padded = "\n" + body
         output_field = fields[names.index("output")]
         input_field = fields[names.index("input")] if "input" in names else None
-        instruction = padded[:fields[0].start()].strip()
-        given = padded[input_field.end():output_field.start()].strip() if input_field else ""
-        output = padded[output_field.end():].strip()
+        instruction = _unbold(padded[:fields[0].start()])
+        given = _unbold(padded[input_field.end():output_field.start()]) if input_field else ""
+        output = _unbold(padded[output_field.end():])
         tasks.append({"instruction": instruction, "input": "" if NO_INPUT.match(given) else given, "output": output})
     return tasks, rejected
+
+
+def _unbold(text: str) -> str:
+    return text.strip().strip("*").strip()
 
 
 def rejection(task: dict) -> str | None:
@@ -265,11 +270,14 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
 
     async def run():
         nonlocal kept
-        stop_reason = None
+        stop_reason, barren_batches = None, 0
         try:
             while len(kept) < config.num_instructions:
                 if spend.exhausted:
                     stop_reason = "cost limit"
+                    break
+                if barren_batches == MAX_BARREN_BATCHES:  # the model (or server) is not producing usable tasks
+                    stop_reason = f"{MAX_BARREN_BATCHES} batches in a row kept nothing"
                     break
                 first = spend.requests
                 results = await asyncio.gather(*(one_request(first + i) for i in range(config.request_batch_size)),
@@ -303,6 +311,7 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
                             break
                         index.add(task["instruction"])
                         accepted.append(task)
+                barren_batches = 0 if accepted else barren_batches + 1
                 _append_rows(rows_path, accepted)
                 kept = kept + accepted
                 _write_state(state_path, spend, rejected)
@@ -315,8 +324,6 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
 
     try:
         stop_reason = asyncio.run(run())
-    except FatalAPIError as error:
-        raise ValueError(str(error)) from None
     finally:
         bar.close()
     summary = {"kept": len(kept), "target": config.num_instructions, "stopped": stop_reason,
