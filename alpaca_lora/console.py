@@ -5,6 +5,7 @@ and help text, and turns a ValueError (the package's way of saying "bad input") 
 """
 
 import dataclasses
+import functools
 import inspect
 import sys
 
@@ -76,3 +77,22 @@ def self_instruct() -> None:
     _run("self_instruct.py", SelfInstructConfig, regenerate,
          "Regenerate Alpaca-style instruction data through an OpenAI-compatible API (OPENAI_API_KEY), or "
          "'self_instruct.py clean IN OUT' to clean a data file.")
+
+
+def _quiet(function):
+    """The same command for fire, without the return value fire would print."""
+    @functools.wraps(function)
+    def command(*args, **kwargs):
+        function(*args, **kwargs)
+    return command
+
+
+def evaluate() -> None:
+    from .evaluate import JudgeConfig, answer_eval_file, heldout_loss, judge
+
+    _fire("evaluate.py", {
+        "loss": _quiet(heldout_loss),
+        "answer": _quiet(answer_eval_file),
+        "judge": _fire_command(JudgeConfig, judge, "Blind pairwise comparison of our answers against reference "
+                                                   "answers, by a judge model or by you."),
+    })

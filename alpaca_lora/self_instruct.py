@@ -101,11 +101,14 @@ class RougeIndex:
         counts = {}
         for token in candidate:
             counts[token] = counts.get(token, 0) + 1
-        shared = np.zeros(len(self.tokens), dtype=np.float64)
-        for token, count in counts.items():
-            posting = self._posting(token)
-            if len(posting):
-                np.add.at(shared, posting, count)  # an upper bound on what this token adds to the LCS
+        postings = [(self._posting(token), count) for token, count in counts.items()]
+        postings = [(p, c) for p, c in postings if len(p)]
+        if not postings:
+            return 0.0, None
+        # an upper bound on each instruction's LCS with the candidate: the candidate's tokens it contains
+        shared = np.bincount(np.concatenate([p for p, _ in postings]),
+                             weights=np.concatenate([np.full(len(p), c, dtype=np.float64) for p, c in postings]),
+                             minlength=len(self.tokens))
         m, n = len(candidate), self.lengths
         needed = ROUGE_THRESHOLD / 2 * (m + n) - 1e-9
         possible = np.nonzero((shared >= needed) & (np.minimum(m, n) >= needed))[0]

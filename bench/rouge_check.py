@@ -3,8 +3,9 @@
     python bench/rouge_check.py [--sizes 10000 50000]
 
 A run checks every candidate against every instruction kept before it (quadratic). Candidates: the real
-Alpaca instructions from ../shared (8,253), then as many variants as needed (each a real instruction with a
-word swapped, dropped or added, so both sides of the 0.7 threshold occur). Ours runs the whole check; the
+Alpaca instructions from ../shared (8,253), then as many variants as needed: 80% new instructions (a real
+one with half its words replaced by words drawn at their real frequency, so most are kept and the kept set
+grows as in a real run) and 20% near-duplicates (one word swapped, dropped or added: both sides of 0.7 occur). Ours runs the whole check; the
 rouge_score loop (what Stanford's script does, minus its process pool) would take hours, so its time is the
 measured cost per pair times the number of pairs the same run compares, and the decisions of both are
 compared on a sample. Prints a table and writes bench/results/rouge_check.json.
@@ -31,17 +32,19 @@ def candidates(count: int) -> list[str]:
         real = [json.loads(line)["instruction"] for line in (REPO / "data" / "seed_tasks.jsonl").read_text().splitlines()]
     rng = random.Random(0)
     out = list(real)
-    fillers = ["the", "a", "short", "new", "simple", "detailed", "given", "following", "this", "your"]
+    corpus_words = [w for text in real for w in text.split()]  # drawn by their real frequency
     while len(out) < count:
         words = rng.choice(real).split()
-        position = rng.randrange(len(words))
-        action = rng.random()
-        if action < 0.4:
-            words[position] = rng.choice(fillers)
-        elif action < 0.7 and len(words) > 4:
-            del words[position]
-        else:
-            words.insert(position, rng.choice(fillers))
+        if rng.random() < 0.8:  # a new instruction: half its words replaced, real length and word frequencies
+            words = [rng.choice(corpus_words) if rng.random() < 0.5 else w for w in words]
+        else:  # a near-duplicate: one word swapped, dropped or added
+            position = rng.randrange(len(words))
+            if rng.random() < 0.5:
+                words[position] = rng.choice(corpus_words)
+            elif len(words) > 4:
+                del words[position]
+            else:
+                words.insert(position, rng.choice(corpus_words))
         out.append(" ".join(words))
     rng.shuffle(out)
     return out[:count]
