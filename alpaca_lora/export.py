@@ -227,21 +227,30 @@ META_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention
               "post_attention_layernorm": "ffn_norm"}
 
 
-def meta_state_dict(model_config, state: dict, dtype: torch.dtype) -> dict:
-    """Merged HF weights renamed and re-laid for Meta's checkpoint format."""
+def interleaved_layout(model_config, state: dict, names: dict, embedding: str, norm: str, output: str,
+                       layer_format: str) -> dict:
+    """Merged HF weights under another format's names, q and k re-laid in the interleaved rotary order that
+    Meta's checkpoints and GGUF use. `names` maps HF's per-layer module names to the format's."""
     n_heads = model_config.num_attention_heads
     n_kv = getattr(model_config, "num_key_value_heads", None) or n_heads
-    out = {"tok_embeddings.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"],
-           "output.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"])}
+    out = {embedding: state["model.embed_tokens.weight"], norm: state["model.norm.weight"],
+           output: state.get("lm_head.weight", state["model.embed_tokens.weight"])}
     for layer in range(model_config.num_hidden_layers):
-        for hf, meta in META_NAMES.items():
+        for hf, name in names.items():
             weight = state[f"model.layers.{layer}.{hf}.weight"]
             if hf == "self_attn.q_proj":
                 weight = hf_to_meta_rotary(weight, n_heads)
             elif hf == "self_attn.k_proj":
                 weight = hf_to_meta_rotary(weight, n_kv)
-            out[f"layers.{layer}.{meta}.weight"] = weight
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+            out[layer_format.format(layer=layer, name=name)] = weight
+    return out
+
+
+def meta_state_dict(model_config, state: dict, dtype: torch.dtype) -> dict:
+    """Merged HF weights renamed and re-laid for Meta's checkpoint format."""
+    weights = interleaved_layout(model_config, state, META_NAMES, "tok_embeddings.weight", "norm.weight",
+                                 "output.weight", "layers.{layer}.{name}.weight")
+    return {k: v.to(dtype).contiguous() for k, v in weights.items()}
 
 
 def _export_meta(model_config, state: dict, base_model: str, config: ExportConfig, write) -> dict:

@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .export import hf_to_meta_rotary
+from .export import interleaved_layout
 
 HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -22,18 +21,8 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype values: 
 
 def gguf_tensors(model_config, state: dict) -> dict[str, np.ndarray]:
     """Merged HF weights (fp32) under llama.cpp's names, q and k in the interleaved rotary layout."""
-    n_heads = model_config.num_attention_heads
-    n_kv = getattr(model_config, "num_key_value_heads", None) or n_heads
-    tensors = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"],
-               "output.weight": state.get("lm_head.weight", state["model.embed_tokens.weight"])}
-    for layer in range(model_config.num_hidden_layers):
-        for hf, name in HF_TO_GGUF.items():
-            weight = state[f"model.layers.{layer}.{hf}.weight"]
-            if hf == "self_attn.q_proj":
-                weight = hf_to_meta_rotary(weight, n_heads)
-            elif hf == "self_attn.k_proj":
-                weight = hf_to_meta_rotary(weight, n_kv)
-            tensors[f"blk.{layer}.{name}.weight"] = weight
+    tensors = interleaved_layout(model_config, state, HF_TO_GGUF, "token_embd.weight", "output_norm.weight",
+                                 "output.weight", "blk.{layer}.{name}.weight")
     return {name: t.float().numpy() for name, t in tensors.items()}
 
 
