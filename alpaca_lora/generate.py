@@ -278,7 +278,8 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
 
 
 def interactive(generator: Generator, sampling: Sampling, seed, read=input, write=print) -> None:
-    """Instruction, optional input, streamed answer, again; Ctrl-C stops an answer, Ctrl-D (or 'exit') leaves."""
+    """Instruction, optional input, streamed answer, again. Ctrl-C during an answer stops that answer; at a
+    prompt (like Ctrl-D or 'exit') it leaves."""
     write("Type an instruction (Ctrl-D or 'exit' to leave; Ctrl-C stops an answer).")
     while True:
         try:
@@ -288,7 +289,7 @@ def interactive(generator: Generator, sampling: Sampling, seed, read=input, writ
             if not instruction:
                 continue
             extra = read("Input (optional): ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at a prompt: leave quietly
             write("")
             return
         _stream_answer(generator, generator.build_prompt(instruction, extra), sampling, seed, write)
