@@ -211,10 +211,9 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden, dtype=dtype)
         for start in range(0, len(targets), LOGIT_CHUNK):
             chunk = slice(start, start + LOGIT_CHUNK)
-            logits = (hidden[chunk].to(dtype) @ weight_c.T).float()  # [chunk, vocab]
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, targets[chunk, None]).squeeze(1)).sum()
-            probabilities = torch.exp(logits - log_z[:, None])  # d loss / d logits = softmax - one_hot
+            log_probabilities = torch.log_softmax((hidden[chunk].to(dtype) @ weight_c.T).float(), dim=-1)
+            total -= log_probabilities.gather(1, targets[chunk, None]).sum()  # [chunk, vocab] -> the loss
+            probabilities = log_probabilities.exp_()  # in place: d loss / d logits = softmax - one_hot
             probabilities[torch.arange(len(probabilities), device=hidden.device), targets[chunk]] -= 1
             grad_hidden[chunk] = (probabilities.to(dtype) @ weight_c).to(dtype)
         ctx.save_for_backward(grad_hidden)
