@@ -213,6 +213,8 @@ class HeadCrossEntropy(torch.autograd.Function):
             chunk = slice(start, start + LOGIT_CHUNK)
             log_probabilities = torch.log_softmax((hidden[chunk].to(dtype) @ weight_c.T).float(), dim=-1)
             total -= log_probabilities.gather(1, targets[chunk, None]).sum()  # [chunk, vocab] -> the loss
+            if not ctx.needs_input_grad[0]:  # evaluation: the loss is all that is wanted
+                continue
             probabilities = log_probabilities.exp_()  # in place: d loss / d logits = softmax - one_hot
             probabilities[torch.arange(len(probabilities), device=hidden.device), targets[chunk]] -= 1
             grad_hidden[chunk] = (probabilities.to(dtype) @ weight_c).to(dtype)
