@@ -52,7 +52,7 @@ def heldout_loss(lora_weights: str = "", data_path: str = "", base_model: str = 
     if not data_path:
         raise ValueError("--data_path is required: Alpaca rows, e.g. the adapter folder's validation_rows.json")
 
-    generator = Generator(base_model, lora_weights, "", bf16=bf16, device="cpu" if not torch.cuda.is_available() else "")
+    generator = Generator(base_model, lora_weights, "", bf16=bf16)  # device chosen as everywhere: CUDA, MPS, CPU
     rows, _ = validate_rows(load_rows(data_path), skip_bad_rows=False)
     tokenized = tokenize_rows(rows, generator.tokenizer, generator.template, cutoff_len, train_on_inputs=False)
     settings = TrainConfig(base_model=base_model or "adapter", micro_batch_size=micro_batch_size, cutoff_len=cutoff_len)

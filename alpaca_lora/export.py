@@ -136,8 +136,7 @@ def _export_hf(merged, tokenizer, config: ExportConfig, reference, base_logits, 
     staging = target.with_name(f".{target.name}.exporting")
     shutil.rmtree(staging, ignore_errors=True)
     dtype = DTYPES[config.dtype]
-    merged.to(dtype).save_pretrained(staging, max_shard_size=config.max_shard_size)
-    merged.to(torch.float32)  # the other exports read fp32 weights
+    merged.to(dtype).save_pretrained(staging, max_shard_size=config.max_shard_size)  # GGUF/Meta use the fp32 copy
     tokenizer.save_pretrained(staging)
     reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)  # the weights as written, upcast
     try:

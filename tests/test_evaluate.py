@@ -144,7 +144,7 @@ def test_human_judging_through_the_terminal(tmp_path, answer_files):
 
 
 def test_the_self_instruct_eval_set_matches_its_reference_answers():
-    from conftest import SHARED, needs_shared  # noqa: F401
+    from conftest import SHARED
 
     eval_file = SHARED / "data" / "eval" / "user_oriented_instructions.jsonl"
     predictions = SHARED / "data" / "eval" / "text-davinci-003_predictions.jsonl"

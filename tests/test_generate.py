@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-import torch
 from conftest import REPO, run_script
 
 from alpaca_lora.generate import Generator, Sampling, answer_file, describe_adapter
