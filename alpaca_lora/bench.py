@@ -1,11 +1,13 @@
 """Benchmark helpers: LLaMA-shaped models with random weights, for measuring speed without a download."""
 
+import shutil
 from pathlib import Path
 
 
-def random_llama(folder: Path, shape: dict, tokenizer_model: Path | None) -> Path:
+def random_llama(folder: Path, shape: dict, tokenizer_model: Path | None, dtype: str = "float32") -> Path:
     """A LLaMA-shaped model with random weights in `folder` (reused if already there), with the real LLaMA
-    tokenizer from `tokenizer_model` or, where that file is absent, the demo tokenizer (a far smaller vocabulary)."""
+    tokenizer from `tokenizer_model` or, where that file is absent, the demo tokenizer (a far smaller vocabulary).
+    Weights are drawn on a GPU where there is one (a 7B model's init takes minutes on a CPU) and saved in `dtype`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -13,6 +15,8 @@ def random_llama(folder: Path, shape: dict, tokenizer_model: Path | None) -> Pat
 
     if (folder / "config.json").exists():
         return folder
+    final, folder = folder, folder.with_name(folder.name + ".partial")  # renamed into place once complete
+    shutil.rmtree(folder, ignore_errors=True)
     if tokenizer_model is not None and tokenizer_model.exists():
         tokenizer = save_llama_tokenizer(folder, tokenizer_model.read_bytes())
     else:
@@ -26,5 +30,8 @@ def random_llama(folder: Path, shape: dict, tokenizer_model: Path | None) -> Pat
                          max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **shape)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(folder, max_shard_size="5GB")
+    folder.rename(final)
+    return final

@@ -93,12 +93,15 @@ def _keep_4bit_cpu_weights_unpacked(model) -> None:
 
 
 def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules, use_dora: bool, use_rslora: bool,
-                gradient_checkpointing: bool, quantized: bool):
+                gradient_checkpointing: bool, quantization: str | None):
     """Wrap the base in a peft LoRA model; only the adapter weights (kept in fp32) are trainable."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    checkpointing_kwargs = {"use_reentrant": False}  # the non-reentrant form needs no input gradients
-    if quantized:
+    # bitsandbytes' 8-bit matmul keeps its input on the autograd context as a plain attribute, out of reach
+    # of the non-reentrant checkpoint's hooks: only the reentrant form (forward under no_grad) frees it.
+    # The non-reentrant form needs no input gradients and is right for everything else.
+    checkpointing_kwargs = {"use_reentrant": quantization == "8bit"}
+    if quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=checkpointing_kwargs)
     elif gradient_checkpointing:

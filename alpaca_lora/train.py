@@ -86,7 +86,9 @@ class TrainConfig:
     lr_scheduler: str = field(default="linear", metadata={"help": "schedule after warmup: linear, cosine or constant"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: none)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations: less memory, ~30% slower"})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "recompute activations: less memory, ~30% slower; default: on for an 8-/4-bit base (as alpaca-lora "
+                "does through peft), off otherwise"})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 autocast; default: on where bf16 is fast (Ampere+ GPU, AVX512-BF16 CPU), fp32 otherwise"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "drop rows that fail validation instead of stopping"})
@@ -120,10 +122,10 @@ class TrainConfig:
         if c.learning_rate == 0:
             raise ValueError("--learning_rate 0: must be positive, e.g. 3e-4")
         for name in ("train_on_inputs", "add_eos_token", "group_by_length", "load_4bit", "use_dora", "use_rslora",
-                     "gradient_checkpointing", "skip_bad_rows", "packing", "torch_compile"):
+                     "skip_bad_rows", "packing", "torch_compile"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"--{name} {getattr(c, name)!r}: must be True or False")
-        for name in ("load_8bit", "bf16"):
+        for name in ("load_8bit", "bf16", "gradient_checkpointing"):
             if getattr(c, name) is not None and not isinstance(getattr(c, name), bool):
                 raise ValueError(f"--{name} {getattr(c, name)!r}: must be True or False (or left out for auto)")
         if c.load_8bit and c.load_4bit:
@@ -300,16 +302,24 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--bf16 True: this GPU has no bf16 support; leave --bf16 out")
     quantization = "4bit" if config.load_4bit else "8bit" if _wants_8bit(config, device) else None
+    # a quantized base is chosen to save memory: recompute activations too, as peft's kbit preparation does
+    checkpointing = quantization is not None if config.gradient_checkpointing is None else config.gradient_checkpointing
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same LoRA init and dropout masks on every run with this seed
     model = load_model(config.base_model, quantization, bf16, device)
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         target_modules=config.lora_target_modules, use_dora=config.use_dora,
-                        use_rslora=config.use_rslora, gradient_checkpointing=config.gradient_checkpointing,
-                        quantized=quantization is not None)
+                        use_rslora=config.use_rslora, gradient_checkpointing=checkpointing,
+                        quantization=quantization)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    gpu_memory_mb = {}
+    if device.type == "cuda":  # what loading took; the peak is reset so that training's own peak is measured
+        gpu_memory_mb = {"after_loading": torch.cuda.memory_allocated(device) / 2 ** 20,
+                         "peak_while_loading": torch.cuda.max_memory_allocated(device) / 2 ** 20}
+        torch.cuda.reset_peak_memory_stats(device)
     say(f"model: {config.base_model} ({quantization or ('bf16' if bf16 else 'fp32')} weights, "
-        f"{'bf16 autocast' if bf16 else 'fp32'} on {device}); LoRA r={config.lora_r} on "
+        f"{'bf16 autocast' if bf16 else 'fp32'} on {device}{', gradient checkpointing' if checkpointing else ''}); "
+        f"LoRA r={config.lora_r} on "
         f"{config.lora_target_modules}: {sum(p.numel() for p in trainable):,} trainable parameters")
 
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -363,6 +373,7 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                 token_loss_sum = ddp_loss(batch)
             accelerator.backward(token_loss_sum * world_size / num_targets)
             step_loss += token_loss_sum.detach()
+            del token_loss_sum  # drops the graph now, not after the next forward (bitsandbytes keeps inputs on it)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf)
         optimizer.step()
         scheduler.step()
@@ -396,6 +407,9 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
             _save_checkpoint(output_dir / f"{CHECKPOINT_PREFIX}{done}", model, optimizer, scheduler, done,
                              rank, is_main, config, loaded.sha256, accelerator)
     progress.close()
+    if device.type == "cuda":
+        gpu_memory_mb["peak_while_training"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        gpu_memory_mb["peak_reserved"] = torch.cuda.max_memory_reserved(device) / 2 ** 20
 
     # ---- the adapter folder ----
     summary = {
@@ -408,6 +422,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                  "examples_without_targets": train_set.num_without_targets,
                  "validation_file": VALIDATION_FILE if val_rows else None},
         "precision": quantization or ("bf16" if bf16 else "fp32"),
+        "gradient_checkpointing": checkpointing,
+        "gpu_memory_mb": gpu_memory_mb or None,  # allocated by PyTorch on this process's GPU
         "device": str(device),
         "steps": total_steps,
         "final_train_loss": history[-1]["loss"] if history else None,

@@ -1,6 +1,7 @@
 """Training throughput: the standard path against ours, same model, data, hyperparameters and steps.
 
     python bench/train_throughput.py [--steps 8] [--batch_size 16] [--quick]
+    python bench/train_throughput.py --gpu [--only 8bit,4bit,bf16]   # 7B-shaped model on a CUDA GPU
 
 The standard path is what alpaca-lora (and most HF Trainer + peft scripts) do: each example padded to the
 longest of its micro-batch (rounded up to a multiple of 8), full-vocabulary logits at every position.
@@ -14,6 +15,12 @@ step (allocation and kernel warm-up). MFU is useful model FLOPs per second over 
 reaches here in the same dtype; useful FLOPs per real token = 4 x decoder parameters (forward, and backward
 to the activations: the base is frozen) + attention + 4 x hidden x vocab for each token that has a target
 (the LM head that a loss needs). Prints a table and writes bench/results/train_throughput.json.
+
+--gpu: a 7B-shaped model (hidden 4096, 32 layers, MLP 11008, random bf16 weights) with 8-bit and 4-bit base
+weights, cutoff 512, micro-batch 4, LoRA r=8 on q,v: peak GPU memory (allocated and reserved by PyTorch's
+allocator; the CUDA context adds a few hundred MB outside both) and tokens per second, the standard path as
+alpaca-lora runs it (gradient checkpointing on, as its peft preparation does) against ours with and without
+checkpointing; also both paths with bf16 weights. Writes bench/results/train_throughput_gpu.json.
 """
 
 import argparse
@@ -29,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "bench" / "results"
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376)
+SHAPE_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008)
 LORA = {"qv-r8": dict(lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "v_proj"]),
         "all-r16": dict(lora_r=16, lora_alpha=32, lora_target_modules="all-linear")}
 
@@ -64,17 +72,26 @@ def worker(args) -> None:
 
     from alpaca_lora.train import TrainConfig, padded_loss, response_only_loss, train
 
+    import torch
+
     libraries_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter + torch + transformers
 
     config = TrainConfig(
         base_model=args.base, data_path=args.data, output_dir=args.output_dir, batch_size=args.batch_size,
         micro_batch_size=4, num_epochs=1, max_steps=args.steps, cutoff_len=args.cutoff, val_set_size=args.val_rows,
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
-        save_steps=10_000, seed=0, bf16=args.dtype == "bf16", packing=args.path == "ours", **LORA[args.lora])
+        save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",
+        load_8bit=args.dtype == "8bit", load_4bit=args.dtype == "4bit",
+        gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing), **LORA[args.lora])
     result = train(config, loss_sum=response_only_loss if args.path == "ours" else padded_loss)
     timed = result.history[1:]  # the first step pays for allocation and kernel selection
     seconds = sum(r["seconds"] for r in timed)
-    print("RESULT " + json.dumps({
+    memory = result.summary["gpu_memory_mb"]
+    gpu = {"gpu_after_loading_mb": memory["after_loading"], "gpu_peak_loading_mb": memory["peak_while_loading"],
+           "gpu_peak_allocated_mb": max(memory["peak_while_loading"], memory["peak_while_training"]),
+           "gpu_peak_training_mb": memory["peak_while_training"],
+           "gpu_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20} if memory else {}
+    print("RESULT " + json.dumps({**gpu,
         "real_tokens_per_second": sum(r["real_tokens"] for r in timed) / seconds,
         "target_tokens_per_second": sum(r["target_tokens"] for r in timed) / seconds,
         "seconds_per_step": seconds / len(timed),
@@ -86,10 +103,10 @@ def worker(args) -> None:
     }))
 
 
-def useful_flops_per_second(measured: dict, cutoff: int) -> float:
+def useful_flops_per_second(measured: dict, cutoff: int, shape: dict = SHAPE) -> float:
     """4 x decoder parameters per token (+ attention, at the mean example length) and 4 x hidden x vocab
     per target token: the work any implementation of this training step must do."""
-    h, layers, mlp, vocab = SHAPE["hidden_size"], SHAPE["num_hidden_layers"], SHAPE["intermediate_size"], 32000
+    h, layers, mlp, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], 32000
     decoder_params = layers * (4 * h * h + 3 * h * mlp)
     attention_per_token = layers * 4 * 2 * h * min(cutoff, 150) / 2  # QK^T and AV over ~half a typical example
     return (measured["real_tokens_per_second"] * (4 * decoder_params + 4 * attention_per_token)
@@ -112,15 +129,7 @@ def run(args) -> None:
     for lora, cutoff, dtype in configs:
         row = {"lora": lora, "cutoff": cutoff, "dtype": dtype}
         for path in ("standard", "ours"):  # alternating, one fresh process each
-            command = [sys.executable, __file__, "--worker", "--path", path, "--lora", lora, "--cutoff", str(cutoff),
-                       "--dtype", dtype, "--base", str(base), "--data", str(data), "--steps", str(args.steps),
-                       "--batch_size", str(args.batch_size), "--val_rows", str(args.val_rows),
-                       "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}")]
-            completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
-            lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
-            if completed.returncode or not lines:
-                sys.exit(f"bench: the {path} run of {row} failed:\n{completed.stderr[-3000:]}")
-            measured = json.loads(lines[-1][len("RESULT "):])
+            measured = launch_worker(args, path=path, lora=lora, cutoff=cutoff, dtype=dtype, base=base, data=data)
             measured["mfu"] = useful_flops_per_second(measured, cutoff) / peaks[dtype]
             row[path] = measured
             print(f"  {lora} cutoff {cutoff} {dtype} {path}: {measured['real_tokens_per_second']:.0f} tokens/s, "
@@ -147,6 +156,86 @@ def run(args) -> None:
               "peak_flops": peaks, "rows": rows, "best_settings_each": best}
     (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2))
     print(_table(rows, best))
+
+
+def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing="auto") -> dict:
+    """One training run in a fresh process (so its peak memory is its own); its measurements."""
+    command = [sys.executable, __file__, "--worker", "--path", path, "--lora", lora, "--cutoff", str(cutoff),
+               "--dtype", dtype, "--base", str(base), "--data", str(data), "--steps", str(args.steps),
+               "--batch_size", str(args.batch_size), "--val_rows", str(args.val_rows), "--checkpointing", checkpointing,
+               "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}")]
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
+    if completed.returncode or not lines:
+        sys.exit(f"bench: the {path} run of {lora} cutoff {cutoff} {dtype} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# (weights, path, gradient checkpointing): the standard path as alpaca-lora runs it, ours with and without
+GPU_RUNS = {"8bit": [("standard", "on"), ("ours", "on"), ("ours", "off")],
+            "4bit": [("standard", "on"), ("ours", "on"), ("ours", "off")],
+            "bf16": [("standard", "off"), ("ours", "off")]}
+GPU_GOALS_MB = {"8bit": 12 * 1024, "4bit": 8 * 1024}
+
+
+def run_gpu(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("bench: --gpu needs a CUDA GPU")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from alpaca_lora.bench import random_llama
+
+    started = time.time()
+    base = random_llama(RESULTS / "llama-7b-shaped-base", SHAPE_7B,
+                        SHARED / "models" / "llama-tokenizer" / "tokenizer.model", dtype="bfloat16")
+    print(f"7B-shaped base ready in {time.time() - started:.0f} s", flush=True)
+    data = data_file()
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    peak = 10 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1000)
+    del a, b
+    print(f"{torch.cuda.get_device_name()}: bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    report = {"machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(sys.argv), "shape": SHAPE_7B, "lora": LORA["qv-r8"], "cutoff_len": 512,
+              "micro_batch_size": 4, "steps": args.steps, "batch_size": args.batch_size, "data": str(data),
+              "bf16_matmul_flops": peak, "rows": rows}
+    for weights in args.only.split(","):
+        for path, checkpointing in GPU_RUNS[weights]:
+            started = time.time()
+            measured = launch_worker(args, path=path, lora="qv-r8", cutoff=512, dtype=weights, base=base, data=data,
+                                     checkpointing=checkpointing)
+            measured.update(weights=weights, path=path, gradient_checkpointing=checkpointing,
+                            mfu=useful_flops_per_second(measured, 512, SHAPE_7B) / peak,
+                            wall_seconds=time.time() - started)
+            rows.append(measured)
+            (RESULTS / f"train_throughput_gpu-{args.only.replace(',', '-')}.json").write_text(json.dumps(report, indent=2))  # after every run
+            print(f"  {weights} {path} checkpointing {checkpointing}: {measured['real_tokens_per_second']:.0f} tokens/s, "
+                  f"{measured['gpu_peak_reserved_mb']:.0f} MB reserved, eval loss {measured['eval_loss']:.5f} "
+                  f"({measured['wall_seconds']:.0f} s)", flush=True)
+    print(_gpu_table(rows))
+
+
+def _gpu_table(rows) -> str:
+    lines = ["| weights | path | grad. checkpointing | real tokens/s | s/step | after loading MB | peak loading MB | "
+             "peak training MB | peak reserved MB | goal | padding | MFU (bf16 peak) | eval loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        goal = GPU_GOALS_MB.get(r["weights"])
+        verdict = "" if goal is None else f"< {goal // 1024} GB: {'met' if r['gpu_peak_allocated_mb'] < goal else 'NOT met'}"
+        lines.append(f"| {r['weights']} | {r['path']} | {r['gradient_checkpointing']} | {r['real_tokens_per_second']:.0f} | "
+                     f"{r['seconds_per_step']:.2f} | {r['gpu_after_loading_mb']:.0f} | {r['gpu_peak_loading_mb']:.0f} | "
+                     f"{r['gpu_peak_training_mb']:.0f} | {r['gpu_peak_reserved_mb']:.0f} | {verdict} | "
+                     f"{r['padding_fraction']:.1%} | {r['mfu']:.1%} | {r['eval_loss']:.5f} |")
+    return "\n".join(lines)
 
 
 def _machine() -> str:
@@ -187,10 +276,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--val_rows", type=int, default=48)
     parser.add_argument("--quick", action="store_true", help="one configuration only")
+    parser.add_argument("--gpu", action="store_true", help="the 7B-shaped 8-bit/4-bit runs on a CUDA GPU")
+    parser.add_argument("--only", default="8bit,4bit,bf16", help="with --gpu: which base weights to run")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("path", "lora", "dtype", "base", "data", "output_dir"):
+    for name in ("path", "lora", "dtype", "base", "data", "output_dir", "checkpointing"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--cutoff", type=int, default=256, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    worker(arguments) if arguments.worker else run(arguments)
+    worker(arguments) if arguments.worker else run_gpu(arguments) if arguments.gpu else run(arguments)

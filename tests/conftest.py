@@ -6,12 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 LLAMA_TOKENIZER = SHARED / "models" / "llama-tokenizer" / "tokenizer.model"
 ALPACA_CLEANED = SHARED / "data" / "alpaca_sample_cleaned.json"
 ALPACA_ORIGINAL = SHARED / "data" / "alpaca_sample_original.json"
+
+
+# Tests of device-dependent code run on the CPU everywhere and also on CUDA where a GPU is present
+# (CI has none: those cases are reported as skipped; they were run on a lent GPU, see the README).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA GPU here; run this on a GPU machine"))]
 
 
 def needs_shared(path: Path):

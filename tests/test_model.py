@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICES
+
 from alpaca_lora import model as model_module
 from alpaca_lora.model import attach_lora, fast_bf16_available, load_model, load_tokenizer
 
@@ -25,10 +27,10 @@ def test_missing_base_model_folder_is_named(tmp_path):
         load_model("./absent", None, False, CPU)
 
 
-def _lora(model, dropout=0.0, targets=("q_proj", "v_proj"), quantized=False):
+def _lora(model, dropout=0.0, targets=("q_proj", "v_proj"), quantization=None, checkpointing=False):
     torch.manual_seed(0)
     return attach_lora(model, r=4, alpha=8, dropout=dropout, target_modules=list(targets), use_dora=False,
-                       use_rslora=False, gradient_checkpointing=False, quantized=quantized)
+                       use_rslora=False, gradient_checkpointing=checkpointing, quantization=quantization)
 
 
 def _lora_grads(peft_model, input_ids):
@@ -43,13 +45,13 @@ def _nudge_lora_b(peft_model):
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
 
 
-def _grads_after_an_eval_pass(tiny_base):
-    peft_model = _lora(load_model(str(tiny_base), "4bit", False, CPU), quantized=True)
+def _grads_after_an_eval_pass(tiny_base, device=CPU):
+    peft_model = _lora(load_model(str(tiny_base), "4bit", False, device), quantization="4bit")
     _nudge_lora_b(peft_model)
-    input_ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     before = _lora_grads(peft_model, input_ids)
     peft_model.eval()
     with torch.no_grad():
@@ -57,8 +59,9 @@ def _grads_after_an_eval_pass(tiny_base):
     return before, _lora_grads(peft_model, input_ids)
 
 
-def test_4bit_lora_gradients_survive_an_evaluation_pass(tiny_base):
-    before, after = _grads_after_an_eval_pass(tiny_base)
+@pytest.mark.parametrize("device", DEVICES)
+def test_4bit_lora_gradients_survive_an_evaluation_pass(tiny_base, device):
+    before, after = _grads_after_an_eval_pass(tiny_base, torch.device(device))
     assert len(before) == 8  # A and B of q_proj and v_proj in 2 layers
     for name in before:
         assert before[name] is not None and after[name] is not None, name
@@ -66,7 +69,9 @@ def test_4bit_lora_gradients_survive_an_evaluation_pass(tiny_base):
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not HAS_AVX512_BF16, reason="the bitsandbytes repacking bug shows only on AVX512-BF16 CPUs")
+@pytest.mark.skipif(not HAS_AVX512_BF16 or torch.version.cuda is not None,
+                    reason="the bitsandbytes repacking bug was seen on AVX512-BF16 CPUs with torch's CPU build "
+                           "(not with torch 2.11+cu130 on a GPU machine's AVX512-BF16 CPU)")
 def test_without_the_opt_out_bitsandbytes_breaks_4bit_gradients(tiny_base, monkeypatch):
     """The control for the test above: if this starts failing, bitsandbytes has fixed the bug and
     model._keep_4bit_cpu_weights_unpacked can go."""
@@ -75,12 +80,14 @@ def test_without_the_opt_out_bitsandbytes_breaks_4bit_gradients(tiny_base, monke
     assert any(after[n] is None or not torch.allclose(after[n], before[n]) for n in before)
 
 
-def test_8bit_base_trains_its_lora_weights(tiny_base):
-    base = load_model(str(tiny_base), "8bit", False, CPU)
+@pytest.mark.parametrize("device", DEVICES)
+def test_8bit_base_trains_its_lora_weights(tiny_base, device):
+    base = load_model(str(tiny_base), "8bit", False, torch.device(device))
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
-    peft_model = _lora(base, quantized=True)
+    peft_model = _lora(base, quantization="8bit")
     _nudge_lora_b(peft_model)
-    grads = _lora_grads(peft_model, torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0)))
+    input_ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    grads = _lora_grads(peft_model, input_ids)
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
@@ -94,7 +101,7 @@ def test_only_lora_weights_train_and_they_are_fp32_over_a_bf16_base(tiny_base):
 def test_all_linear_adapts_every_linear_layer_but_the_head(tiny_base):
     peft_model = attach_lora(load_model(str(tiny_base), None, False, CPU), r=4, alpha=8, dropout=0.0,
                              target_modules="all-linear", use_dora=False, use_rslora=False,
-                             gradient_checkpointing=False, quantized=False)
+                             gradient_checkpointing=False, quantization=None)
     adapted = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}  # ...q_proj.lora_A.default.weight
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -108,3 +115,77 @@ def test_bf16_is_chosen_only_where_it_is_fast():
     expected = HAS_AVX512_BF16 or "amx_bf16" in Path("/proc/cpuinfo").read_text()
     assert fast_bf16_available(CPU) == expected
     assert fast_bf16_available(torch.device("meta")) is False
+
+
+def _dequantized_weights(quantized_model) -> dict:
+    import bitsandbytes as bnb
+
+    weights = {}
+    for name, module in quantized_model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weights[name] = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            weights[name] = module.weight.data.float() * module.weight.SCB.float()[:, None] / 127.0
+    return weights
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantization, tolerance", [("4bit", 1e-4), ("8bit", 0.05)])
+def test_quantized_lora_gradients_equal_those_of_the_dequantized_weights(tiny_base, device, quantization, tolerance):
+    """Not just non-zero: the LoRA gradients of a 4-bit base are those of an fp32 model holding the same
+    (dequantized) weights. LLM.int8 also rounds the activations to 8 bits, hence its looser tolerance."""
+    device = torch.device(device)
+    quantized = load_model(str(tiny_base), quantization, False, device)
+    reference = load_model(str(tiny_base), None, False, device)
+    dequantized = _dequantized_weights(quantized)
+    assert len(dequantized) == 2 * 7
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if name in dequantized:
+                module.weight.copy_(dequantized[name])
+    input_ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    grads = {}
+    for label, model in (("quantized", _lora(quantized, quantization=quantization)), ("reference", _lora(reference))):
+        _nudge_lora_b(model)
+        grads[label] = _lora_grads(model, input_ids)
+    assert grads["quantized"].keys() == grads["reference"].keys() and len(grads["reference"]) == 8
+    for name, expected in grads["reference"].items():
+        error = (grads["quantized"][name] - expected).norm() / expected.norm()
+        assert error < tolerance, (name, error.item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_gradient_checkpointing_keeps_the_lora_gradients_of_a_quantized_base(tiny_base, device, quantization):
+    """8-bit uses reentrant checkpointing (see attach_lora), which passes gradients only through inputs that
+    require them: every LoRA gradient must still arrive, equal to the one computed without recomputation."""
+    input_ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    grads = []
+    for checkpointing in (False, True):
+        peft_model = _lora(load_model(str(tiny_base), quantization, False, torch.device(device)),
+                           quantization=quantization, checkpointing=checkpointing)
+        _nudge_lora_b(peft_model)
+        grads.append(_lora_grads(peft_model, input_ids))
+    assert len(grads[1]) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here; run this on a GPU machine")
+@pytest.mark.parametrize("quantization", ["8bit", "4bit", None])
+def test_gradient_checkpointing_frees_the_activations_on_a_gpu(tiny_base, quantization):
+    """What checkpointing is for: the forward keeps only each layer's input. bitsandbytes' 8-bit matmul
+    defeats the non-reentrant form (its input stays on the autograd context), which is why 8-bit uses the
+    reentrant one; this measures the memory a training forward leaves allocated, with and without."""
+    cuda = torch.device("cuda")
+    input_ids = torch.randint(3, 500, (8, 512), generator=torch.Generator().manual_seed(0)).to(cuda)
+    kept = {}
+    for checkpointing in (False, True):
+        peft_model = _lora(load_model(str(tiny_base), quantization, False, cuda), quantization=quantization,
+                           checkpointing=checkpointing).train()
+        before = torch.cuda.memory_allocated(cuda)
+        hidden = peft_model.get_base_model().get_decoder()(input_ids=input_ids).last_hidden_state
+        kept[checkpointing] = torch.cuda.memory_allocated(cuda) - before - hidden.numel() * hidden.element_size()
+        del hidden, peft_model
+    # per layer: 1 saved input of [8 x 512 x 64] against ~20 activations of that size or larger without
+    assert kept[True] < 0.25 * kept[False], kept

@@ -9,6 +9,7 @@ from alpaca_lora.model import attach_lora, load_model, load_tokenizer
 from alpaca_lora.templates import load_template
 from alpaca_lora.train import padded_loss, response_only_loss
 
+from conftest import DEVICES
 from test_train import losses, tiny_config
 from alpaca_lora.train import train
 
@@ -19,14 +20,14 @@ def examples(tiny_base, alpaca_rows):
     return tokenize_rows(alpaca_rows[:6], tokenizer, load_template("alpaca"), 512, train_on_inputs=False).examples
 
 
-@pytest.fixture(scope="module")
-def base(tiny_base):
-    return AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=DEVICES)
+def base(tiny_base, request):
+    return AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32, device_map=request.param).eval()
 
 
 def test_every_packed_example_gets_the_logits_it_gets_alone(base, examples):
     rows = [examples[:3], examples[3:4], examples[4:]]  # rows of different lengths: the short ones get a filler
-    batch = packed_collate(rows, pad_token_id=0)
+    batch = {k: v.to(base.device) for k, v in packed_collate(rows, pad_token_id=0).items()}
     widest = max(sum(len(e.input_ids) for e in row) for row in rows)
     assert batch["input_ids"].shape == (3, -(-widest // 8) * 8)
     with torch.no_grad():
@@ -34,7 +35,7 @@ def test_every_packed_example_gets_the_logits_it_gets_alone(base, examples):
         for r, row in enumerate(rows):
             start = 0
             for example in row:
-                alone = base(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0]
+                alone = base(input_ids=torch.tensor([example.input_ids], device=base.device), use_cache=False).logits[0]
                 torch.testing.assert_close(packed[r, start:start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5)
                 start += len(example.input_ids)
 
@@ -42,10 +43,10 @@ def test_every_packed_example_gets_the_logits_it_gets_alone(base, examples):
 def test_no_token_attends_across_an_example_boundary(base, examples):
     """Changing every token of the first example changes nothing in the others; the control shows that
     with an all-ones attention mask (the easy mistake) it would."""
-    batch = packed_collate([examples[:3]], pad_token_id=0)
+    batch = {k: v.to(base.device) for k, v in packed_collate([examples[:3]], pad_token_id=0).items()}
     first = len(examples[0].input_ids)
     changed = batch["input_ids"].clone()
-    changed[0, :first] = torch.randint(3, 500, (first,), generator=torch.Generator().manual_seed(0))
+    changed[0, :first] = torch.randint(3, 500, (first,), generator=torch.Generator().manual_seed(0)).to(base.device)
     with torch.no_grad():
         def rest(input_ids, **extra):
             return base(input_ids=input_ids, position_ids=batch["position_ids"], use_cache=False, **extra).logits[0, first:]
@@ -54,19 +55,20 @@ def test_no_token_attends_across_an_example_boundary(base, examples):
         assert not torch.allclose(rest(batch["input_ids"], attention_mask=ones), rest(changed, attention_mask=ones))
 
 
-def _lora_model(tiny_base):
+def _lora_model(tiny_base, device):
     torch.manual_seed(0)
-    model = attach_lora(load_model(str(tiny_base), None, False, torch.device("cpu")), r=4, alpha=8, dropout=0.0,
+    model = attach_lora(load_model(str(tiny_base), None, False, torch.device(device)), r=4, alpha=8, dropout=0.0,
                         target_modules="all-linear", use_dora=False, use_rslora=False, gradient_checkpointing=False,
-                        quantized=False)
+                        quantization=None)
     with torch.no_grad():  # lora_B starts at zero; give the adapter an effect so the gradients test something
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
     return model
 
 
 def _loss_and_grads(model, loss_sum, batch):
+    batch = {k: v.to(model.device) for k, v in batch.items()}
     model.zero_grad(set_to_none=True)
     loss = loss_sum(model, batch)
     loss.backward()
@@ -83,10 +85,11 @@ def test_packed_rows_have_segment_positions_and_no_mask(examples):
     assert set(batch["targets"][1, len(examples[2].input_ids):].tolist()) <= {IGNORE_INDEX}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, monkeypatch):
+def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, device, monkeypatch):
     monkeypatch.setattr("alpaca_lora.train.LOGIT_CHUNK", 64)  # several chunks even on these short examples
-    model = _lora_model(tiny_base)
+    model = _lora_model(tiny_base, device)
     standard_loss, standard_grads = _loss_and_grads(model, padded_loss, pad_collate(examples, 0))
     batch = packed_collate([examples[:2], examples[2:]], 0) if layout == "packed" else pad_collate(examples, 0)
     assert (batch["targets"] != IGNORE_INDEX).sum() > 3 * 64

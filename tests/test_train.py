@@ -10,14 +10,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from alpaca_lora.model import fast_bf16_available
 from alpaca_lora.train import TrainConfig, train
 
 
 def tiny_config(base, data, out, **overrides) -> TrainConfig:
-    """40 training rows, 8 held out: 5 steps of 8 examples per epoch, fp32 so results are exact."""
+    """40 training rows, 8 held out: 5 steps of 8 examples per epoch, fp32 so results are exact (also on a
+    GPU, where 8-bit would otherwise be the default)."""
     settings = dict(base_model=str(base), data_path=str(data), output_dir=str(out), batch_size=8, micro_batch_size=4,
                     num_epochs=1, val_set_size=8, cutoff_len=512, learning_rate=1e-2, warmup_steps=1,
-                    logging_steps=1, eval_steps=100, save_steps=100, bf16=False, seed=0)
+                    logging_steps=1, eval_steps=100, save_steps=100, bf16=False, load_8bit=False, seed=0)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -53,7 +55,7 @@ def test_training_writes_a_self_describing_adapter(tiny_base, alpaca_file, tmp_p
 
     # the saved adapter, reloaded the standard way, computes exactly what the trained model computes
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out).eval()
-    trained = result.model.eval()
+    trained = result.model.eval().to("cpu")
     input_ids = torch.randint(3, 500, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits,
@@ -121,7 +123,23 @@ def test_bf16_and_4bit_runs_train(tiny_base, alpaca_file, tmp_path):
         assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # gradients kept flowing after the eval passes
 
 
+def test_defaults_follow_the_device(tiny_base, alpaca_file, tmp_path):
+    """alpaca-lora's choices on a GPU (8-bit base, gradient checkpointing, bf16 where supported, memory
+    reported); a full-precision base without recomputation on a CPU."""
+    result = train(tiny_config(tiny_base, alpaca_file, tmp_path, load_8bit=None, bf16=None, max_steps=1))
+    summary = result.summary
+    if torch.cuda.is_available():
+        assert (summary["precision"], summary["gradient_checkpointing"]) == ("8bit", True)
+        memory = summary["gpu_memory_mb"]
+        assert 0 < memory["after_loading"] <= memory["peak_while_loading"] and memory["peak_while_training"] > 0
+    else:
+        assert summary["precision"] == ("bf16" if fast_bf16_available(torch.device("cpu")) else "fp32")
+        assert summary["gradient_checkpointing"] is False and summary["gpu_memory_mb"] is None
+    assert result.summary["arguments"]["gradient_checkpointing"] is None  # "auto" is what was asked for
+
+
 def test_wandb_offline_run_is_recorded(tiny_base, alpaca_file, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed here (the project's dependencies include it)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -132,11 +150,12 @@ def test_wandb_offline_run_is_recorded(tiny_base, alpaca_file, tmp_path, monkeyp
 
 
 def test_two_processes_match_one_process(tiny_base, alpaca_file, tmp_path):
-    """torchrun with 2 CPU processes (gloo), micro-batch 4 each, = 1 process accumulating 2 micro-batches of 4."""
+    """torchrun with 2 CPU processes (gloo), micro-batch 4 each, = 1 process accumulating 2 micro-batches of 4
+    (on the CPU also where there is a GPU: two processes cannot share one GPU under NCCL)."""
     flags = ["--base_model", tiny_base, "--data_path", alpaca_file, "--batch_size", 8, "--micro_batch_size", 4,
              "--num_epochs", 1, "--val_set_size", 8, "--cutoff_len", 512, "--learning_rate", 1e-2, "--bf16", False,
              "--warmup_steps", 1, "--lora_dropout", 0.0, "--eval_steps", 5]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
     one = run_script(REPO / "finetune.py", *flags, "--output_dir", tmp_path / "one", env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
