@@ -160,7 +160,7 @@ def _target_modules(value) -> list[str] | str:
 
 # ---- the loss: replaceable; takes (model, batch) and gives the sum of the token losses over the batch's targets ----
 
-LOGIT_CHUNK = 1024  # positions per LM-head chunk: at most [1024 x vocab] logits exist at once
+LOGIT_CHUNK = 256  # positions per LM-head chunk: at most [256 x vocab] logits exist at once (faster than 1024 on a CPU: cache)
 
 
 def padded_loss(model, batch: dict) -> torch.Tensor:
@@ -213,7 +213,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden, dtype=dtype)
         for start in range(0, len(targets), LOGIT_CHUNK):
             chunk = slice(start, start + LOGIT_CHUNK)
-            log_probabilities = torch.log_softmax((hidden[chunk].to(dtype) @ weight_c.T).float(), dim=-1)
+            log_probabilities = torch.log_softmax(hidden[chunk].to(dtype) @ weight_c.T, dim=-1, dtype=torch.float32)
             total -= log_probabilities.gather(1, targets[chunk, None]).sum()  # [chunk, vocab] -> the loss
             if not ctx.needs_input_grad[0]:  # evaluation: the loss is all that is wanted
                 continue

@@ -14,13 +14,17 @@ LLaMA vocabulary and random weights; the data are real Alpaca rows. Tokens per s
 step (allocation and kernel warm-up). MFU is useful model FLOPs per second over the peak a large matmul
 reaches here in the same dtype; useful FLOPs per real token = 4 x decoder parameters (forward, and backward
 to the activations: the base is frozen) + attention + 4 x hidden x vocab for each token that has a target
-(the LM head that a loss needs). Prints a table and writes bench/results/train_throughput.json.
+(the LM head that a loss needs). The work ratio is the FLOPs per real token the standard path performs
+(padding, logits at every position) over ours: the speedup equal efficiency would give. Memory rows (bf16, q,v r=8)
+run with glibc's mmap threshold fixed at 1 MB so that peak RSS follows live tensors rather than what the
+allocator kept, with and without gradient checkpointing (where the logits are most of what is left).
+Prints a table and writes bench/results/train_throughput.json.
 
 --gpu: a 7B-shaped model (hidden 4096, 32 layers, MLP 11008, random bf16 weights) with 8-bit and 4-bit base
 weights, cutoff 512, micro-batch 4, LoRA r=8 on q,v: peak GPU memory (allocated and reserved by PyTorch's
 allocator; the CUDA context adds a few hundred MB outside both) and tokens per second, the standard path as
 alpaca-lora runs it (gradient checkpointing on, as its peft preparation does) against ours with and without
-checkpointing; also both paths with bf16 weights. Writes bench/results/train_throughput_gpu.json.
+checkpointing; also both paths with bf16 weights. Writes bench/results/train_throughput_gpu-<weights>.json.
 """
 
 import argparse
@@ -103,14 +107,29 @@ def worker(args) -> None:
     }))
 
 
-def useful_flops_per_second(measured: dict, cutoff: int, shape: dict = SHAPE) -> float:
-    """4 x decoder parameters per token (+ attention, at the mean example length) and 4 x hidden x vocab
-    per target token: the work any implementation of this training step must do."""
+def _flops_per_position(cutoff: int, shape: dict) -> tuple[float, float]:
+    """(decoder work per position: 4 x decoder parameters + attention at the mean example length,
+    LM-head work per position that computes logits: 4 x hidden x vocab), forward and backward."""
     h, layers, mlp, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], 32000
     decoder_params = layers * (4 * h * h + 3 * h * mlp)
-    attention_per_token = layers * 4 * 2 * h * min(cutoff, 150) / 2  # QK^T and AV over ~half a typical example
-    return (measured["real_tokens_per_second"] * (4 * decoder_params + 4 * attention_per_token)
-            + measured["target_tokens_per_second"] * 4 * h * vocab)
+    attention = layers * 4 * 2 * h * min(cutoff, 150) / 2  # QK^T and AV over ~half a typical example
+    return 4 * decoder_params + 4 * attention, 4 * h * vocab
+
+
+def useful_flops_per_second(measured: dict, cutoff: int, shape: dict = SHAPE) -> float:
+    """The decoder at every real token and the LM head at every target token: the work any implementation
+    of this training step must do."""
+    decoder, head = _flops_per_position(cutoff, shape)
+    return measured["real_tokens_per_second"] * decoder + measured["target_tokens_per_second"] * head
+
+
+def performed_flops_per_real_token(measured: dict, cutoff: int, path: str) -> float:
+    """The work a path does per real token: the decoder also at padding, the head at every position it
+    computes logits for (all of them on the standard path, target positions on ours)."""
+    decoder, head = _flops_per_position(cutoff, SHAPE)
+    computed_per_real = 1 / (1 - measured["padding_fraction"])
+    targets_per_real = measured["target_tokens_per_second"] / measured["real_tokens_per_second"]
+    return decoder * computed_per_real + head * (computed_per_real if path == "standard" else targets_per_real)
 
 
 def run(args) -> None:
@@ -121,28 +140,40 @@ def run(args) -> None:
     data = data_file()
     peaks = {dtype: peak_matmul_flops(dtype) for dtype in ("fp32", "bf16")}
     print(f"peak matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
-    configs = [(lora, cutoff, dtype) for lora in LORA for cutoff in (256, 512) for dtype in ("fp32", "bf16")]
-    configs += [("qv-r8", 1024, "bf16")]
+    # (LoRA, cutoff, dtype, gradient checkpointing, memory): every setting at full speed with the default
+    # allocator; then live memory: glibc keeps freed blocks, so peak RSS mostly shows what the allocator
+    # retained; with a fixed 1 MB mmap threshold every large tensor goes back to the system when freed and
+    # peak RSS follows the live tensors (slower, so those runs' speeds are not comparable with the others)
+    configs = [(lora, cutoff, dtype, "off", "default") for lora in LORA for cutoff in (256, 512)
+               for dtype in ("fp32", "bf16")]
+    configs += [("qv-r8", 1024, "bf16", "off", "default")]
+    configs += [("qv-r8", cutoff, "bf16", checkpointing, "live") for cutoff in (256, 512) for checkpointing in ("off", "on")]
     if args.quick:
-        configs = [("qv-r8", 256, "bf16")]
+        configs = [("qv-r8", 256, "bf16", "off", "default")]
     rows = []
-    for lora, cutoff, dtype in configs:
-        row = {"lora": lora, "cutoff": cutoff, "dtype": dtype}
+    for lora, cutoff, dtype, checkpointing, memory in configs:
+        row = {"lora": lora, "cutoff": cutoff, "dtype": dtype, "gradient_checkpointing": checkpointing, "memory": memory}
         for path in ("standard", "ours"):  # alternating, one fresh process each
-            measured = launch_worker(args, path=path, lora=lora, cutoff=cutoff, dtype=dtype, base=base, data=data)
+            measured = launch_worker(args, path=path, lora=lora, cutoff=cutoff, dtype=dtype, base=base, data=data,
+                                     checkpointing=checkpointing, live_memory=memory == "live")
             measured["mfu"] = useful_flops_per_second(measured, cutoff) / peaks[dtype]
+            measured["performed_flops_per_real_token"] = performed_flops_per_real_token(measured, cutoff, path)
             row[path] = measured
-            print(f"  {lora} cutoff {cutoff} {dtype} {path}: {measured['real_tokens_per_second']:.0f} tokens/s, "
-                  f"{measured['peak_rss_mb']:.0f} MB, eval loss {measured['eval_loss']:.5f}", flush=True)
+            print(f"  {lora} cutoff {cutoff} {dtype} checkpointing {checkpointing} {memory} memory {path}: "
+                  f"{measured['real_tokens_per_second']:.0f} tokens/s, {measured['peak_rss_mb']:.0f} MB, "
+                  f"eval loss {measured['eval_loss']:.5f}", flush=True)
         row["speedup"] = row["ours"]["real_tokens_per_second"] / row["standard"]["real_tokens_per_second"]
+        row["work_ratio"] = (row["standard"]["performed_flops_per_real_token"]
+                             / row["ours"]["performed_flops_per_real_token"])
         row["memory_ratio"] = row["ours"]["peak_rss_mb"] / row["standard"]["peak_rss_mb"]
         row["memory_ratio_above_libraries"] = (row["ours"]["peak_above_libraries_mb"]
                                                / row["standard"]["peak_above_libraries_mb"])
         row["eval_loss_relative_difference"] = abs(row["ours"]["eval_loss"] / row["standard"]["eval_loss"] - 1)
         rows.append(row)
     best = {}
-    for lora, cutoff in {(r["lora"], r["cutoff"]) for r in rows}:
-        group = [r for r in rows if (r["lora"], r["cutoff"]) == (lora, cutoff)]
+    full_speed = [r for r in rows if r["gradient_checkpointing"] == "off" and r["memory"] == "default"]
+    for lora, cutoff in {(r["lora"], r["cutoff"]) for r in full_speed}:
+        group = [r for r in full_speed if (r["lora"], r["cutoff"]) == (lora, cutoff)]
         standard = max(group, key=lambda r: r["standard"]["real_tokens_per_second"])
         ours = max(group, key=lambda r: r["ours"]["real_tokens_per_second"])
         best[f"{lora} cutoff {cutoff}"] = {
@@ -158,13 +189,14 @@ def run(args) -> None:
     print(_table(rows, best))
 
 
-def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing="auto") -> dict:
+def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing="auto", live_memory=False) -> dict:
     """One training run in a fresh process (so its peak memory is its own); its measurements."""
     command = [sys.executable, __file__, "--worker", "--path", path, "--lora", lora, "--cutoff", str(cutoff),
                "--dtype", dtype, "--base", str(base), "--data", str(data), "--steps", str(args.steps),
                "--batch_size", str(args.batch_size), "--val_rows", str(args.val_rows), "--checkpointing", checkpointing,
-               "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}")]
-    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+               "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}-{live_memory}")]
+    env = {**os.environ, "WANDB_MODE": "disabled", **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if live_memory else {})}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
     if completed.returncode or not lines:
         sys.exit(f"bench: the {path} run of {lora} cutoff {cutoff} {dtype} failed:\n{completed.stderr[-3000:]}")
@@ -249,20 +281,24 @@ def _machine() -> str:
 
 
 def _table(rows, best) -> str:
-    lines = ["| LoRA | cutoff | dtype | path | real tokens/s | s/step | peak RSS MB | above libraries MB | padding | MFU | eval loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| LoRA | cutoff | dtype | grad. ckpt | memory | path | real tokens/s | s/step | peak RSS MB | "
+             "above libraries MB | padding | MFU | eval loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for path in ("standard", "ours"):
             m = r[path]
-            lines.append(f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {path} | {m['real_tokens_per_second']:.0f} | "
-                         f"{m['seconds_per_step']:.2f} | {m['peak_rss_mb']:.0f} | {m['peak_above_libraries_mb']:.0f} | "
-                         f"{m['padding_fraction']:.1%} | "
-                         f"{m['mfu']:.1%} | {m['eval_loss']:.5f} |")
-    lines += ["", "Same dtype, ours / standard:", "",
-              "| LoRA | cutoff | dtype | tokens/s | peak RSS | above libraries | eval loss rel. diff |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f} | "
-              f"{r['memory_ratio_above_libraries']:.2f} | {r['eval_loss_relative_difference']:.1e} |" for r in rows]
+            lines.append(f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['gradient_checkpointing']} | {r['memory']} | {path} | "
+                         f"{m['real_tokens_per_second']:.0f} | {m['seconds_per_step']:.2f} | {m['peak_rss_mb']:.0f} | "
+                         f"{m['peak_above_libraries_mb']:.0f} | {m['padding_fraction']:.1%} | {m['mfu']:.1%} | "
+                         f"{m['eval_loss']:.5f} |")
+    lines += ["", "Same settings, ours / standard (work ratio: FLOPs per real token the standard path does over ours, "
+              "the speedup at equal efficiency):", "",
+              "| LoRA | cutoff | dtype | grad. ckpt | memory | tokens/s | work ratio | peak RSS | above libraries | "
+              "eval loss rel. diff |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['gradient_checkpointing']} | {r['memory']} | "
+              f"{r['speedup']:.2f}x | "
+              f"{r['work_ratio']:.2f}x | {r['memory_ratio']:.2f} | {r['memory_ratio_above_libraries']:.2f} | "
+              f"{r['eval_loss_relative_difference']:.1e} |" for r in rows]
     lines += ["", "Best settings each (fastest dtype of each path), ours / standard:", "",
               "| LoRA, cutoff | standard | ours | tokens/s | peak RSS | above libraries |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k} | {v['standard_dtype']} | {v['ours_dtype']} | {v['speedup']:.2f}x | {v['memory_ratio']:.2f} | "
