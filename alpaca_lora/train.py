@@ -604,6 +604,8 @@ def model_card(summary: dict) -> str:
     """The README.md of an adapter folder: what it is, how it was made, and what it must not be used for."""
     args, data = summary["arguments"], summary["data"]
     val = summary["final_validation_loss"]
+    gpu = summary.get("gpu_memory_mb")
+    memory = f" (peak GPU memory {max(gpu['peak_while_loading'], gpu['peak_while_training']) / 1024:.1f} GB)" if gpu else ""
     flags = "\n".join(f"| `{k}` | `{v}` |" for k, v in args.items())
     return f"""---
 library_name: peft
@@ -627,7 +629,7 @@ An instruction-following LoRA adapter trained with alpaca-lora on Alpaca-format 
 ## Evaluation
 - final training loss (last step): {summary['final_train_loss']:.4f}
 - validation loss (per response token): {f'{val:.4f} (perplexity {math.exp(val):.2f})' if val is not None else 'not measured (val_set_size 0)'}
-- {summary['steps']} optimizer steps, {summary['precision']} on {summary['device']}, {summary['wall_seconds']:.0f} s
+- {summary['steps']} optimizer steps, {summary['precision']} on {summary['device']}{memory}, {summary['wall_seconds']:.0f} s
 
 ## Training arguments
 | flag | value |

@@ -131,8 +131,8 @@ def test_truncated_examples_lose_eos_and_are_counted(tiny_base):
     assert cut.truncated and len(cut.input_ids) == 64 and tokenizer.eos_token_id not in cut.input_ids
 
 
-@needs_shared(ALPACA_CLEANED)
-@pytest.mark.parametrize("data_file", [ALPACA_CLEANED, ALPACA_ORIGINAL], ids=["cleaned", "original"])
+@pytest.mark.parametrize("data_file", [pytest.param(path, marks=needs_shared(path)) for path in (ALPACA_CLEANED, ALPACA_ORIGINAL)],
+                         ids=["cleaned", "original"])
 @pytest.mark.parametrize("template_name", ["alpaca", "alpaca_legacy"])
 def test_trained_tokens_decode_to_exactly_the_response_and_eos(llama_tokenizer, data_file, template_name):
     """With the real LLaMA tokenizer, on every real Alpaca row: the unmasked labels are the response, then EOS."""

@@ -136,6 +136,7 @@ def test_defaults_follow_the_device(tiny_base, alpaca_file, tmp_path):
         assert summary["precision"] == ("bf16" if fast_bf16_available(torch.device("cpu")) else "fp32")
         assert summary["gradient_checkpointing"] is False and summary["gpu_memory_mb"] is None
     assert result.summary["arguments"]["gradient_checkpointing"] is None  # "auto" is what was asked for
+    assert ("peak GPU memory" in (tmp_path / "README.md").read_text()) == torch.cuda.is_available()
 
 
 def test_wandb_offline_run_is_recorded(tiny_base, alpaca_file, tmp_path, monkeypatch):
