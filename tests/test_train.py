@@ -150,16 +150,18 @@ def test_wandb_offline_run_is_recorded(tiny_base, alpaca_file, tmp_path, monkeyp
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
-def test_two_processes_match_one_process(tiny_base, alpaca_file, tmp_path):
+@pytest.mark.parametrize("base_flags, port", [([], 29533), (["--load_8bit", True], 29534)], ids=["fp32", "8bit"])
+def test_two_processes_match_one_process(tiny_base, alpaca_file, tmp_path, base_flags, port):
     """torchrun with 2 CPU processes (gloo), micro-batch 4 each, = 1 process accumulating 2 micro-batches of 4
-    (on the CPU also where there is a GPU: two processes cannot share one GPU under NCCL)."""
+    (on the CPU also where there is a GPU: two processes cannot share one GPU under NCCL). The 8-bit base
+    brings gradient checkpointing in its reentrant form, whose backward DDP must also see through."""
     flags = ["--base_model", tiny_base, "--data_path", alpaca_file, "--batch_size", 8, "--micro_batch_size", 4,
              "--num_epochs", 1, "--val_set_size", 8, "--cutoff_len", 512, "--learning_rate", 1e-2, "--bf16", False,
-             "--warmup_steps", 1, "--lora_dropout", 0.0, "--eval_steps", 5]
+             "--warmup_steps", 1, "--lora_dropout", 0.0, "--eval_steps", 5, *base_flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
     one = run_script(REPO / "finetune.py", *flags, "--output_dir", tmp_path / "one", env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    two = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                      REPO / "finetune.py", *flags, "--output_dir", tmp_path / "two", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     one_log, two_log = ([json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text().splitlines()]
@@ -167,7 +169,11 @@ def test_two_processes_match_one_process(tiny_base, alpaca_file, tmp_path):
     assert len(one_log) == len(two_log) == 5
     assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-4)
     assert two_log[-1]["val_loss"] == pytest.approx(one_log[-1]["val_loss"], rel=1e-4)
-    assert json.loads((tmp_path / "two" / "training_summary.json").read_text())["arguments"]["world_size"] == 2
+    summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert summary["arguments"]["world_size"] == 2
+    assert summary["gradient_checkpointing"] == bool(base_flags) and summary["precision"] == ("8bit" if base_flags else "fp32")
+    lora_b = [t for name, t in load_file(tmp_path / "two" / "adapter_model.safetensors").items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # gradients reached every adapter through DDP
 
 
 # ---- flags and bad input ----
