@@ -1,7 +1,7 @@
 """Training throughput: the standard path against ours, same model, data, hyperparameters and steps.
 
     python bench/train_throughput.py [--steps 8] [--batch_size 16] [--quick]
-    python bench/train_throughput.py --gpu [--only 8bit,4bit,bf16]   # 7B-shaped model on a CUDA GPU
+    python bench/train_throughput.py --gpu [--only 8bit,4bit,bf16,compile]   # 7B-shaped model on a CUDA GPU
 
 The standard path is what alpaca-lora (and most HF Trainer + peft scripts) do: each example padded to the
 longest of its micro-batch (rounded up to a multiple of 8), full-vocabulary logits at every position.
@@ -86,7 +86,8 @@ def worker(args) -> None:
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
         save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",
         load_8bit=args.dtype == "8bit", load_4bit=args.dtype == "4bit",
-        gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing), **LORA[args.lora])
+        gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing), torch_compile=args.torch_compile,
+        **LORA[args.lora])
     result = train(config, loss_sum=response_only_loss if args.path == "ours" else padded_loss)
     timed = result.history[1:]  # the first step pays for allocation and kernel selection
     seconds = sum(r["seconds"] for r in timed)
@@ -189,12 +190,15 @@ def run(args) -> None:
     print(_table(rows, best))
 
 
-def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing="auto", live_memory=False) -> dict:
+def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing="auto", live_memory=False,
+                  compiled=False) -> dict:
     """One training run in a fresh process (so its peak memory is its own); its measurements."""
     command = [sys.executable, __file__, "--worker", "--path", path, "--lora", lora, "--cutoff", str(cutoff),
                "--dtype", dtype, "--base", str(base), "--data", str(data), "--steps", str(args.steps),
                "--batch_size", str(args.batch_size), "--val_rows", str(args.val_rows), "--checkpointing", checkpointing,
-               "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}-{live_memory}")]
+               *(["--torch_compile"] if compiled else []),
+               "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}"
+                                                       f"-{live_memory}-{compiled}")]
     env = {**os.environ, "WANDB_MODE": "disabled", **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if live_memory else {})}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
@@ -203,10 +207,12 @@ def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing=
     return json.loads(lines[-1][len("RESULT "):])
 
 
-# (weights, path, gradient checkpointing): the standard path as alpaca-lora runs it, ours with and without
-GPU_RUNS = {"8bit": [("standard", "on"), ("ours", "on"), ("ours", "off")],
-            "4bit": [("standard", "on"), ("ours", "on"), ("ours", "off")],
-            "bf16": [("standard", "off"), ("ours", "off")]}
+# weights -> (base weights, path, gradient checkpointing, --torch_compile): the standard path as alpaca-lora
+# runs it, ours with and without checkpointing; "compile": ours in bf16 eager, then compiled
+GPU_RUNS = {"8bit": [("8bit", "standard", "on", False), ("8bit", "ours", "on", False), ("8bit", "ours", "off", False)],
+            "4bit": [("4bit", "standard", "on", False), ("4bit", "ours", "on", False), ("4bit", "ours", "off", False)],
+            "bf16": [("bf16", "standard", "off", False), ("bf16", "ours", "off", False)],
+            "compile": [("bf16", "ours", "off", False), ("bf16", "ours", "off", True)]}
 GPU_GOALS_MB = {"8bit": 12 * 1024, "4bit": 8 * 1024}
 
 
@@ -240,12 +246,13 @@ def run_gpu(args) -> None:
               "command": " ".join(sys.argv), "shape": SHAPE_7B, "lora": LORA["qv-r8"], "cutoff_len": 512,
               "micro_batch_size": 4, "steps": args.steps, "batch_size": args.batch_size, "data": str(data),
               "bf16_matmul_flops": peak, "rows": rows}
-    for weights in args.only.split(","):
-        for path, checkpointing in GPU_RUNS[weights]:
+    for group in args.only.split(","):
+        for weights, path, checkpointing, compiled in GPU_RUNS[group]:
             started = time.time()
             measured = launch_worker(args, path=path, lora="qv-r8", cutoff=512, dtype=weights, base=base, data=data,
-                                     checkpointing=checkpointing)
-            measured.update(weights=weights, path=path, gradient_checkpointing=checkpointing,
+                                     checkpointing=checkpointing, compiled=compiled)
+            measured.update(weights=weights + (" compiled" if compiled else ""), path=path,
+                            gradient_checkpointing=checkpointing,
                             mfu=useful_flops_per_second(measured, 512, SHAPE_7B) / peak,
                             wall_seconds=time.time() - started)
             rows.append(measured)
@@ -313,8 +320,9 @@ if __name__ == "__main__":
     parser.add_argument("--val_rows", type=int, default=48)
     parser.add_argument("--quick", action="store_true", help="one configuration only")
     parser.add_argument("--gpu", action="store_true", help="the 7B-shaped 8-bit/4-bit runs on a CUDA GPU")
-    parser.add_argument("--only", default="8bit,4bit,bf16", help="with --gpu: which base weights to run")
+    parser.add_argument("--only", default="8bit,4bit,bf16", help="with --gpu: which groups of runs (also: compile)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch_compile", action="store_true", help=argparse.SUPPRESS)
     for name in ("path", "lora", "dtype", "base", "data", "output_dir", "checkpointing"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--cutoff", type=int, default=256, help=argparse.SUPPRESS)
