@@ -160,7 +160,7 @@ def _target_modules(value) -> list[str] | str:
 
 # ---- the loss: replaceable; takes (model, batch) and gives the sum of the token losses over the batch's targets ----
 
-LOGIT_CHUNK = 256  # positions per LM-head chunk: at most [256 x vocab] logits exist at once (faster than 1024 on a CPU: cache)
+LOGIT_CHUNK = 256  # positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
 
 
 def padded_loss(model, batch: dict) -> torch.Tensor:

@@ -76,8 +76,6 @@ def worker(args) -> None:
 
     from alpaca_lora.train import TrainConfig, padded_loss, response_only_loss, train
 
-    import torch
-
     libraries_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter + torch + transformers
 
     config = TrainConfig(
@@ -95,7 +93,7 @@ def worker(args) -> None:
     gpu = {"gpu_after_loading_mb": memory["after_loading"], "gpu_peak_loading_mb": memory["peak_while_loading"],
            "gpu_peak_allocated_mb": max(memory["peak_while_loading"], memory["peak_while_training"]),
            "gpu_peak_training_mb": memory["peak_while_training"],
-           "gpu_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20} if memory else {}
+           "gpu_peak_reserved_mb": memory["peak_reserved"]} if memory else {}
     print("RESULT " + json.dumps({**gpu,
         "real_tokens_per_second": sum(r["real_tokens"] for r in timed) / seconds,
         "target_tokens_per_second": sum(r["target_tokens"] for r in timed) / seconds,
