@@ -160,7 +160,20 @@ def _target_modules(value) -> list[str] | str:
 
 # ---- the loss: replaceable; takes (model, batch) and gives the sum of the token losses over the batch's targets ----
 
-LOGIT_CHUNK = 256  # positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
+LOGIT_CHUNK = 256  # most positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
+CHUNK_ROWS_STEP = 16
+
+
+def head_chunk_rows(count: int) -> int:
+    """Rows per LM-head chunk for `count` target positions: equal chunks of at most LOGIT_CHUNK rows, rounded up
+    to a multiple of 16; the last chunk is filled up with zero rows that carry no loss.
+
+    The head's matmuls thus see one of 16 shapes however many targets a micro-batch has. On a CPU every new
+    matmul shape makes oneDNN build and cache a kernel with its own buffers (about 1.5 MB for this head), so
+    shapes that followed the target count grew memory step after step; the fill costs under 16 rows a chunk.
+    """
+    chunks = max(1, math.ceil(count / LOGIT_CHUNK))
+    return max(CHUNK_ROWS_STEP, math.ceil(count / chunks / CHUNK_ROWS_STEP) * CHUNK_ROWS_STEP)
 
 
 def padded_loss(model, batch: dict) -> torch.Tensor:
@@ -187,11 +200,15 @@ def response_only_loss(model, batch: dict) -> torch.Tensor:
     if type(head) is torch.nn.Linear and not head.weight.requires_grad and head.bias is None:
         return HeadCrossEntropy.apply(hidden, head.weight, targets)
     # a trainable or adapted head (e.g. LoRA on lm_head): the same chunks through autograd, recomputed in backward
+    rows = head_chunk_rows(len(targets))
+    fill = -len(targets) % rows  # zero rows with no target, so that every chunk has the same shape
+    hidden, targets = F.pad(hidden, (0, 0, 0, fill)), F.pad(targets, (0, fill), value=IGNORE_INDEX)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, len(targets), LOGIT_CHUNK):
-        chunk = slice(start, start + LOGIT_CHUNK)
-        total = total + checkpoint(lambda h, t: F.cross_entropy(head(h).float(), t, reduction="sum"),
-                                   hidden[chunk], targets[chunk], use_reentrant=False)
+    for start in range(0, len(targets), rows):
+        chunk = slice(start, start + rows)
+        total = total + checkpoint(
+            lambda h, t: F.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum"),
+            hidden[chunk], targets[chunk], use_reentrant=False)
     return total
 
 
@@ -211,15 +228,19 @@ class HeadCrossEntropy(torch.autograd.Function):
         weight_c = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=dtype)
-        for start in range(0, len(targets), LOGIT_CHUNK):
-            chunk = slice(start, start + LOGIT_CHUNK)
-            log_probabilities = torch.log_softmax(hidden[chunk].to(dtype) @ weight_c.T, dim=-1, dtype=torch.float32)
-            total -= log_probabilities.gather(1, targets[chunk, None]).sum()  # [chunk, vocab] -> the loss
+        count, rows = len(targets), head_chunk_rows(len(targets))
+        for start in range(0, count, rows):
+            real = min(rows, count - start)  # the last chunk is filled up to `rows` with zero rows
+            chunk_hidden = F.pad(hidden[start:start + real].to(dtype), (0, 0, 0, rows - real))
+            chunk_targets = targets[start:start + real]
+            log_probabilities = torch.log_softmax(chunk_hidden @ weight_c.T, dim=-1, dtype=torch.float32)
+            total -= log_probabilities[:real].gather(1, chunk_targets[:, None]).sum()  # [rows, vocab] -> the loss
             if not ctx.needs_input_grad[0]:  # evaluation: the loss is all that is wanted
                 continue
             probabilities = log_probabilities.exp_()  # in place: d loss / d logits = softmax - one_hot
-            probabilities[torch.arange(len(probabilities), device=hidden.device), targets[chunk]] -= 1
-            grad_hidden[chunk] = (probabilities.to(dtype) @ weight_c).to(dtype)
+            probabilities[torch.arange(real, device=hidden.device), chunk_targets] -= 1
+            probabilities[real:] = 0  # the fill rows have no loss
+            grad_hidden[start:start + real] = (probabilities.to(dtype) @ weight_c)[:real]
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
         return total

@@ -10,7 +10,7 @@ and cross-entropy run only at response positions. Both train the same examples i
 
 Each configuration runs in a fresh process (so peak resident memory is its own), standard and ours
 alternating. The model is LLaMA-shaped (hidden 512, 8 layers, 8 heads, MLP 1376) with the real 32,000-token
-LLaMA vocabulary and random weights; the data are real Alpaca rows. Tokens per second leave out the first
+LLaMA vocabulary and random weights, stored in fp16 like LLaMA-7B's checkpoints; the data are real Alpaca rows. Tokens per second leave out the first
 step (allocation and kernel warm-up). MFU is useful model FLOPs per second over the peak a large matmul
 reaches here in the same dtype; useful FLOPs per real token = 4 x decoder parameters (forward, and backward
 to the activations: the base is frozen) + attention + 4 x hidden x vocab for each token that has a target
@@ -135,7 +135,9 @@ def run(args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from alpaca_lora.bench import random_llama
 
-    base = random_llama(RESULTS / "llama-shaped-base", SHAPE, SHARED / "models" / "llama-tokenizer" / "tokenizer.model")
+    # stored in fp16, as LLaMA-7B's Hugging Face checkpoints are: each path casts it to the dtype it trains in
+    base = random_llama(RESULTS / "llama-shaped-base-fp16", SHAPE, SHARED / "models" / "llama-tokenizer" / "tokenizer.model",
+                        dtype="float16")
     data = data_file()
     peaks = {dtype: peak_matmul_flops(dtype) for dtype in ("fp32", "bf16")}
     print(f"peak matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")

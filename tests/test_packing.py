@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from alpaca_lora.data import IGNORE_INDEX, pack_rows, packed_collate, pad_collate, tokenize_rows
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer
 from alpaca_lora.templates import load_template
-from alpaca_lora.train import padded_loss, response_only_loss
+from alpaca_lora.train import HeadCrossEntropy, head_chunk_rows, padded_loss, response_only_loss
 
 from conftest import DEVICES
 from test_train import losses, tiny_config
@@ -55,10 +55,10 @@ def test_no_token_attends_across_an_example_boundary(base, examples):
         assert not torch.allclose(rest(batch["input_ids"], attention_mask=ones), rest(changed, attention_mask=ones))
 
 
-def _lora_model(tiny_base, device):
+def _lora_model(tiny_base, device, target_modules="all-linear"):
     torch.manual_seed(0)
     model = attach_lora(load_model(str(tiny_base), None, False, torch.device(device)), r=4, alpha=8, dropout=0.0,
-                        target_modules="all-linear", use_dora=False, use_rslora=False, gradient_checkpointing=False,
+                        target_modules=target_modules, use_dora=False, use_rslora=False, gradient_checkpointing=False,
                         quantization=None)
     with torch.no_grad():  # lora_B starts at zero; give the adapter an effect so the gradients test something
         for name, parameter in model.named_parameters():
@@ -86,19 +86,59 @@ def test_packed_rows_have_segment_positions_and_no_mask(examples):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, device, monkeypatch):
+@pytest.mark.parametrize("layout,head", [("packed", "frozen"), ("padded", "frozen"), ("packed", "adapted")])
+def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, head, device,
+                                                                   monkeypatch):
+    """The frozen head goes through HeadCrossEntropy; a head with LoRA on it through autograd, chunk by chunk."""
     monkeypatch.setattr("alpaca_lora.train.LOGIT_CHUNK", 64)  # several chunks even on these short examples
-    model = _lora_model(tiny_base, device)
+    adapted = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    model = _lora_model(tiny_base, device, "all-linear" if head == "frozen" else adapted)
     standard_loss, standard_grads = _loss_and_grads(model, padded_loss, pad_collate(examples, 0))
     batch = packed_collate([examples[:2], examples[2:]], 0) if layout == "packed" else pad_collate(examples, 0)
-    assert (batch["targets"] != IGNORE_INDEX).sum() > 3 * 64
+    count = int((batch["targets"] != IGNORE_INDEX).sum())
+    assert count > 3 * 64 and count % head_chunk_rows(count)  # several chunks, the last one filled up
     loss, grads = _loss_and_grads(model, response_only_loss, batch)
     torch.testing.assert_close(loss, standard_loss, rtol=1e-5, atol=0)
-    assert grads.keys() == standard_grads.keys() and len(grads) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+    assert grads.keys() == standard_grads.keys()
+    assert len(grads) == 2 * 7 * 2 + (2 if head == "adapted" else 0)  # A and B: 7 linears, 2 layers (+ the head)
     for name in grads:  # relative to the gradient's norm: elementwise, fp32 summation order alone exceeds 1e-5
         error = (grads[name] - standard_grads[name]).norm() / standard_grads[name].norm()
         assert error < 1e-5, (name, error.item())
+
+
+def test_lm_head_matmuls_see_a_few_shapes_whatever_the_target_count():
+    """However many targets a micro-batch has, the head's matmuls take one of 16 shapes (a CPU caches a kernel
+    with its buffers per shape), and filling the last chunk costs fewer than 16 rows per chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                self.shapes.add((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    weight = torch.randn(100, 8)
+    recorder = MatmulShapes()
+    for count in range(1, 700, 7):
+        hidden = torch.randn(count, 8, requires_grad=True)
+        targets = torch.randint(0, 100, (count,))
+        with recorder:
+            loss = HeadCrossEntropy.apply(hidden, weight, targets)
+            loss.backward()
+        reference = hidden.detach().requires_grad_()
+        reference_loss = torch.nn.functional.cross_entropy(reference @ weight.T, targets, reduction="sum")
+        reference_loss.backward()
+        torch.testing.assert_close(loss, reference_loss)
+        torch.testing.assert_close(hidden.grad, reference.grad)
+        rows = head_chunk_rows(count)
+        chunks = -(-count // rows)
+        assert rows % 16 == 0 and rows <= 256 and chunks * rows - count < 16 * chunks
+    rows_seen = {shape[0][0] for shape in recorder.shapes}
+    assert rows_seen <= set(range(16, 257, 16)) and len(recorder.shapes) <= 2 * 16  # forward and gradient matmuls
 
 
 def test_pack_rows_keeps_to_the_row_length_and_places_every_example_once():
