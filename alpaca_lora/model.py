@@ -59,7 +59,24 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
-def load_model(base_model: str, quantization: str | None, bf16: bool, device: torch.device):
+# attention implementations that take packed examples apart by their restarting position_ids in any layout
+# (flash-attention's variable-length kernel), rather than through a mask over each row (SDPA)
+VARLEN_ATTENTION = ("flash_attention_2",)
+
+
+def attention_implementation(device: torch.device, bf16: bool) -> str:
+    """flash-attention 2 where it is installed and can run (a CUDA GPU, bf16 compute), else PyTorch's SDPA.
+
+    Both keep packed examples apart: SDPA through the block-diagonal causal mask that transformers builds from
+    restarting position_ids, flash-attention through its variable-length kernel, which transformers calls when
+    one row holds several examples (train._layout puts a micro-batch in one row for it)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if device.type == "cuda" and bf16 and is_flash_attn_2_available() else "sdpa"
+
+
+def load_model(base_model: str, quantization: str | None, bf16: bool, device: torch.device,
+               attention: str = "sdpa"):
     """The base model on `device`; weights in bf16 or fp32, or 8-/4-bit through bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -73,7 +90,8 @@ def load_model(base_model: str, quantization: str | None, bf16: bool, device: to
                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base_model, dtype=dtype, quantization_config=quantization_config, device_map={"": device})
+            base_model, dtype=dtype, quantization_config=quantization_config, device_map={"": device},
+            attn_implementation=attention)
     except (OSError, ValueError) as error:
         raise _loading_error(base_model, "weights", error) from None
     if quantization == "4bit" and device.type == "cpu":

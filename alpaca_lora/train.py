@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import (IGNORE_INDEX, load_rows, pack_rows, packed_collate, pad_collate, plan_micro_batches, split_rows,
                    tokenize_rows_cached, validate_rows)
-from .model import attach_lora, fast_bf16_available, load_model, load_tokenizer
+from .model import VARLEN_ATTENTION, attach_lora, attention_implementation, fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -327,7 +327,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     checkpointing = quantization is not None if config.gradient_checkpointing is None else config.gradient_checkpointing
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same LoRA init and dropout masks on every run with this seed
-    model = load_model(config.base_model, quantization, bf16, device)
+    attention = attention_implementation(device, bf16)
+    model = load_model(config.base_model, quantization, bf16, device, attention)
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         target_modules=config.lora_target_modules, use_dora=config.use_dora,
                         use_rslora=config.use_rslora, gradient_checkpointing=checkpointing,
@@ -339,7 +340,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                          "peak_while_loading": torch.cuda.max_memory_allocated(device) / 2 ** 20}
         torch.cuda.reset_peak_memory_stats(device)
     say(f"model: {config.base_model} ({quantization or ('bf16' if bf16 else 'fp32')} weights, "
-        f"{'bf16 autocast' if bf16 else 'fp32'} on {device}{', gradient checkpointing' if checkpointing else ''}); "
+        f"{'bf16 autocast' if bf16 else 'fp32'} on {device}, {attention} attention"
+        f"{', gradient checkpointing' if checkpointing else ''}); "
         f"LoRA r={config.lora_r} on "
         f"{config.lora_target_modules}: {sum(p.numel() for p in trainable):,} trainable parameters")
 
@@ -371,7 +373,7 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                                   accumulation * world_size)
         window = plan[index * accumulation * world_size:(index + 1) * accumulation * world_size]
         mine = window[rank * accumulation:(rank + 1) * accumulation]
-        return _layout(mine, lengths, config)
+        return _layout(mine, lengths, config, attention)
 
     model.train()
     progress = _progress_bar(total_steps, start_step, is_main)
@@ -444,6 +446,7 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                  "validation_file": VALIDATION_FILE if val_rows else None},
         "precision": quantization or ("bf16" if bf16 else "fp32"),
         "gradient_checkpointing": checkpointing,
+        "attention": attention,
         "gpu_memory_mb": gpu_memory_mb or None,  # allocated by PyTorch on this process's GPU
         "device": str(device),
         "steps": total_steps,
@@ -470,7 +473,7 @@ def evaluate_loss(loss_module, examples, config: TrainConfig, pad_token_id, acce
     lengths = [len(e.input_ids) for e in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])  # similar lengths: less padding
     micro_batches = _layout([order[i:i + config.micro_batch_size] for i in range(0, len(order), config.micro_batch_size)],
-                            lengths, config)
+                            lengths, config, loss_module.model.config._attn_implementation)
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     with torch.no_grad(), autocast:
         for mb in micro_batches[accelerator.process_index::accelerator.num_processes]:
@@ -481,13 +484,18 @@ def evaluate_loss(loss_module, examples, config: TrainConfig, pad_token_id, acce
     return (accelerator.reduce(total, "sum") / accelerator.reduce(count, "sum")).item()
 
 
-def _layout(micro_batches: list[list[int]], lengths: list[int], config: TrainConfig) -> list[list[list[int]]]:
+def _layout(micro_batches: list[list[int]], lengths: list[int], config: TrainConfig,
+            attention: str) -> list[list[list[int]]]:
     """Padded: each micro-batch as planned, one example per row. Packed: the same examples laid into as few
-    rows of cutoff_len tokens as possible, micro_batch_size rows per micro-batch."""
+    rows of cutoff_len tokens as possible, micro_batch_size rows per micro-batch. With a variable-length
+    attention kernel, whose cost is per example whatever the row, those rows go end to end in one row: no filler."""
     if not config.packing:
         return [[[i] for i in mb] for mb in micro_batches]
     rows = pack_rows([i for mb in micro_batches for i in mb], lengths, config.cutoff_len)
-    return [rows[start:start + config.micro_batch_size] for start in range(0, len(rows), config.micro_batch_size)]
+    packed = [rows[start:start + config.micro_batch_size] for start in range(0, len(rows), config.micro_batch_size)]
+    if attention in VARLEN_ATTENTION:
+        return [[[i for row in group for i in row]] for group in packed]
+    return packed
 
 
 def _collate(micro_batch: list[list[int]], examples, pad_token_id: int, config: TrainConfig) -> dict:

@@ -30,7 +30,6 @@ checkpointing; also both paths with bf16 weights. Writes bench/results/train_thr
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -76,7 +75,10 @@ def worker(args) -> None:
 
     from alpaca_lora.train import TrainConfig, padded_loss, response_only_loss, train
 
-    libraries_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter + torch + transformers
+    libraries_rss = _memory_mb("VmRSS")  # interpreter + torch + transformers
+    # the peak from here on; getrusage's peak will not do: it survives fork and exec, so a worker's would start
+    # at whatever the launching process had reached (it builds the model)
+    Path("/proc/self/clear_refs").write_text("5")
 
     config = TrainConfig(
         base_model=args.base, data_path=args.data, output_dir=args.output_dir, batch_size=args.batch_size,
@@ -98,12 +100,18 @@ def worker(args) -> None:
         "real_tokens_per_second": sum(r["real_tokens"] for r in timed) / seconds,
         "target_tokens_per_second": sum(r["target_tokens"] for r in timed) / seconds,
         "seconds_per_step": seconds / len(timed),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_above_libraries_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - libraries_rss,
+        "peak_rss_mb": _memory_mb("VmHWM"),
+        "peak_above_libraries_mb": _memory_mb("VmHWM") - libraries_rss,
         "padding_fraction": result.summary["padding_fraction"],
         "eval_loss": result.summary["final_validation_loss"],
         "train_losses": [r["loss"] for r in result.history],
     }))
+
+
+def _memory_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident since start or the last reset) of this process (Linux)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def _flops_per_position(cutoff: int, shape: dict) -> tuple[float, float]:

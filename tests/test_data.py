@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from conftest import ALPACA_CLEANED, ALPACA_ORIGINAL, REPO, needs_shared
 
@@ -111,11 +112,11 @@ def test_targets_mask_exactly_the_prompt(tiny_base):
     [example] = tokenize_rows([row], tokenizer, template, 256, train_on_inputs=False).examples
     prompt = [tokenizer.bos_token_id] + tokenizer(template.prompt(row["instruction"]), add_special_tokens=False)["input_ids"]
     response = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    assert example.input_ids == prompt + response + [tokenizer.eos_token_id]
+    assert example.input_ids.tolist() == prompt + response + [tokenizer.eos_token_id]
     # position i is trained to predict token i+1: the last prompt position predicts the first response token
-    assert example.targets == [IGNORE_INDEX] * (len(prompt) - 1) + response + [tokenizer.eos_token_id, IGNORE_INDEX]
+    assert example.targets.tolist() == [IGNORE_INDEX] * (len(prompt) - 1) + response + [tokenizer.eos_token_id, IGNORE_INDEX]
     [with_inputs] = tokenize_rows([row], tokenizer, template, 256, train_on_inputs=True).examples
-    assert with_inputs.targets == example.input_ids[1:] + [IGNORE_INDEX]
+    assert with_inputs.targets.tolist() == example.input_ids[1:].tolist() + [IGNORE_INDEX]
 
 
 def test_truncated_examples_lose_eos_and_are_counted(tiny_base):
@@ -170,7 +171,7 @@ def test_pad_collate_pads_right_to_a_multiple_of_8(tiny_base):
     assert batch["input_ids"].shape == (2, -(-width // 8) * 8)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
-        assert batch["input_ids"][row, :n].tolist() == example.input_ids
+        assert batch["input_ids"][row, :n].tolist() == example.input_ids.tolist()
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
         assert set(batch["input_ids"][row, n:].tolist()) <= {tokenizer.pad_token_id}
         assert set(batch["targets"][row, n:].tolist()) <= {IGNORE_INDEX}
@@ -179,19 +180,25 @@ def test_pad_collate_pads_right_to_a_multiple_of_8(tiny_base):
 def test_tokenized_data_is_cached_under_everything_that_decides_it(tiny_base, alpaca_rows, tmp_path, monkeypatch):
     tokenizer, template = load_tokenizer(str(tiny_base)), load_template("alpaca")
     cache = str(tmp_path / "cache")
-    first = tokenize_rows_cached(alpaca_rows, tokenizer, template, 96, False, cache)
+    first = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
     def no_tokenizing(*args):
         raise AssertionError("tokenized again despite the cache")
     monkeypatch.setattr(data_module, "tokenize_rows", no_tokenizing)
-    again = tokenize_rows_cached(alpaca_rows, tokenizer, template, 96, False, cache)
-    assert again == first and first.num_truncated > 0  # examples, truncation flags and counts all come back
+    again = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache)
+    def contents(tokenized):
+        return ([(e.input_ids.tolist(), e.targets.tolist(), e.truncated) for e in tokenized.examples],
+                tokenized.num_truncated, tokenized.num_without_targets, tokenized.num_fitting)
+    assert contents(again) == contents(first)  # examples, truncation flags and counts all come back
+    assert first.num_without_targets and {e.truncated for e in first.examples} == {True, False}  # 38 examples
+    assert again.examples[0].input_ids.dtype == np.int32  # compact: 4 bytes a token, not a Python int's 36
     monkeypatch.undo()
-    for changed in (dict(cutoff_len=128), dict(train_on_inputs=True), dict(template=load_template("alpaca_short")),
+    for changed in (dict(cutoff_len=256), dict(train_on_inputs=True), dict(template=load_template("alpaca_short")),
                     dict(rows=alpaca_rows[:-1])):
-        arguments = dict(rows=alpaca_rows, tokenizer=tokenizer, template=template, cutoff_len=96, train_on_inputs=False)
+        arguments = dict(rows=alpaca_rows, tokenizer=tokenizer, template=template, cutoff_len=192, train_on_inputs=False)
         tokenize_rows_cached(**{**arguments, **changed}, cache_dir=cache)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 5
-    assert tokenize_rows_cached(alpaca_rows, tokenizer, template, 96, False, cache_dir="") == first  # off: no file
+    uncached = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache_dir="")  # off: no file
+    assert contents(uncached) == contents(first)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 5

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alpaca_lora.data import IGNORE_INDEX, pack_rows, packed_collate, pad_collate, tokenize_rows
-from alpaca_lora.model import attach_lora, load_model, load_tokenizer
+from alpaca_lora.model import attach_lora, attention_implementation, load_model, load_tokenizer
 from alpaca_lora.templates import load_template
 from alpaca_lora.train import HeadCrossEntropy, head_chunk_rows, padded_loss, response_only_loss
 
@@ -35,7 +35,7 @@ def test_every_packed_example_gets_the_logits_it_gets_alone(base, examples):
         for r, row in enumerate(rows):
             start = 0
             for example in row:
-                alone = base(input_ids=torch.tensor([example.input_ids], device=base.device), use_cache=False).logits[0]
+                alone = base(input_ids=torch.tensor([example.input_ids.tolist()], device=base.device), use_cache=False).logits[0]
                 torch.testing.assert_close(packed[r, start:start + len(example.input_ids)], alone, rtol=1e-5, atol=1e-5)
                 start += len(example.input_ids)
 
@@ -156,3 +156,71 @@ def test_packed_and_padded_training_log_the_same_losses(tiny_base, alpaca_file, 
                                num_epochs=2, eval_steps=5), loss_sum=padded_loss)
     assert losses(packed.history) == pytest.approx(losses(padded.history), rel=1e-5)
     assert packed.history[-1]["val_loss"] == pytest.approx(padded.history[-1]["val_loss"], rel=1e-5)
+
+
+def test_flash_attention_is_chosen_only_where_it_can_run(monkeypatch):
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)
+    assert attention_implementation(torch.device("cuda"), bf16=True) == "flash_attention_2"
+    assert attention_implementation(torch.device("cuda"), bf16=False) == "sdpa"  # flash-attention has no fp32
+    assert attention_implementation(torch.device("cpu"), bf16=True) == "sdpa"
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: False)
+    assert attention_implementation(torch.device("cuda"), bf16=True) == "sdpa"
+
+
+def _varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """What flash-attention's variable-length kernel computes, in plain PyTorch: causal attention within each
+    segment, the segments found from position_ids by the same transformers code that feeds the real kernel."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    assert attention_mask is None and query.shape[0] == 1  # one row per micro-batch, no mask
+    position_ids = kwargs["position_ids"]
+    if _is_packed_sequence(position_ids, batch_size=1):  # transformers takes the varlen kernel
+        (starts, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
+    else:  # one example alone in its row: plain causal attention
+        starts = torch.tensor([0, query.shape[2]])
+    _varlen_reference_attention.segments.append(len(starts) - 1)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    output = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())], dim=2)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def test_a_varlen_attention_kernel_gets_one_row_per_micro_batch_and_the_same_losses(tiny_base, alpaca_file, tmp_path,
+                                                                                  monkeypatch):
+    """With flash-attention (stood in for on a CPU by the reference above, registered as transformers registers
+    kernels), each packed micro-batch goes in one row and training logs the padded path's losses."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("varlen_reference", _varlen_reference_attention)
+    AttentionMaskInterface.register("varlen_reference", flash_attention_mask)
+    _varlen_reference_attention.segments = []
+    settings = dict(lora_dropout=0.0, num_epochs=2, eval_steps=5)
+    padded = train(tiny_config(tiny_base, alpaca_file, tmp_path / "padded", packing=False, **settings),
+                   loss_sum=padded_loss)
+    monkeypatch.setattr("alpaca_lora.train.attention_implementation", lambda device, bf16: "varlen_reference")
+    monkeypatch.setattr("alpaca_lora.train.VARLEN_ATTENTION", ("varlen_reference",))
+    varlen = train(tiny_config(tiny_base, alpaca_file, tmp_path / "varlen", packing=True, **settings))
+    assert varlen.summary["attention"] == "varlen_reference"
+    assert max(_varlen_reference_attention.segments) > 4  # more examples in one row than a micro-batch has rows
+    assert losses(varlen.history) == pytest.approx(losses(padded.history), rel=1e-5)
+    assert varlen.history[-1]["val_loss"] == pytest.approx(padded.history[-1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here; run this on a GPU machine")
+def test_flash_attention_one_row_logits_equal_alone(tiny_base, examples):
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        pytest.skip("flash-attn is not installed")
+    model = load_model(str(tiny_base), None, True, torch.device("cuda"), "flash_attention_2").eval()
+    batch = {k: v.cuda() for k, v in packed_collate([examples], pad_token_id=0).items()}
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for example in examples:
+            alone = model(input_ids=torch.tensor([example.input_ids.tolist()], device="cuda"), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:start + len(example.input_ids)], alone, rtol=0.02, atol=0.02)
+            start += len(example.input_ids)
