@@ -1,6 +1,6 @@
 """Training throughput: the standard path against ours, same model, data, hyperparameters and steps.
 
-    python bench/train_throughput.py [--steps 8] [--batch_size 16] [--quick]
+    python bench/train_throughput.py [--steps 8] [--repeats 2] [--batch_size 16] [--quick]
     python bench/train_throughput.py --gpu [--only 8bit,4bit,bf16,compile]   # 7B-shaped model on a CUDA GPU
 
 The standard path is what alpaca-lora (and most HF Trainer + peft scripts) do: each example padded to the
@@ -9,7 +9,8 @@ Ours: whole examples packed end to end (no padding, attention kept inside each e
 and cross-entropy run only at response positions. Both train the same examples in every step.
 
 Each configuration runs in a fresh process (so peak resident memory is its own), standard and ours
-alternating. The model is LLaMA-shaped (hidden 512, 8 layers, 8 heads, MLP 1376) with the real 32,000-token
+alternating, `--repeats` times each; the fastest run of each path counts (interference from other work on
+the machine only slows a run down), and every run's tokens per second is kept in the JSON. The model is LLaMA-shaped (hidden 512, 8 layers, 8 heads, MLP 1376) with the real 32,000-token
 LLaMA vocabulary and random weights, stored in fp16 like LLaMA-7B's checkpoints; the data are real Alpaca rows. Tokens per second leave out the first
 step (allocation and kernel warm-up). MFU is useful model FLOPs per second over the peak a large matmul
 reaches here in the same dtype; useful FLOPs per real token = 4 x decoder parameters (forward, and backward
@@ -162,15 +163,22 @@ def run(args) -> None:
     rows = []
     for lora, cutoff, dtype, checkpointing, memory in configs:
         row = {"lora": lora, "cutoff": cutoff, "dtype": dtype, "gradient_checkpointing": checkpointing, "memory": memory}
-        for path in ("standard", "ours"):  # alternating, one fresh process each
-            measured = launch_worker(args, path=path, lora=lora, cutoff=cutoff, dtype=dtype, base=base, data=data,
-                                     checkpointing=checkpointing, live_memory=memory == "live")
+        runs = {"standard": [], "ours": []}
+        for _ in range(args.repeats):
+            for path in ("standard", "ours"):  # alternating, one fresh process each
+                measured = launch_worker(args, path=path, lora=lora, cutoff=cutoff, dtype=dtype, base=base, data=data,
+                                         checkpointing=checkpointing, live_memory=memory == "live")
+                runs[path].append(measured)
+                print(f"  {lora} cutoff {cutoff} {dtype} checkpointing {checkpointing} {memory} memory {path}: "
+                      f"{measured['real_tokens_per_second']:.0f} tokens/s, {measured['peak_rss_mb']:.0f} MB, "
+                      f"eval loss {measured['eval_loss']:.5f}", flush=True)
+        for path in ("standard", "ours"):
+            # the fastest of the repeats: on a shared machine, interference only ever slows a run down
+            measured = max(runs[path], key=lambda m: m["real_tokens_per_second"])
+            measured["tokens_per_second_of_each_run"] = [m["real_tokens_per_second"] for m in runs[path]]
             measured["mfu"] = useful_flops_per_second(measured, cutoff) / peaks[dtype]
             measured["performed_flops_per_real_token"] = performed_flops_per_real_token(measured, cutoff, path)
             row[path] = measured
-            print(f"  {lora} cutoff {cutoff} {dtype} checkpointing {checkpointing} {memory} memory {path}: "
-                  f"{measured['real_tokens_per_second']:.0f} tokens/s, {measured['peak_rss_mb']:.0f} MB, "
-                  f"eval loss {measured['eval_loss']:.5f}", flush=True)
         row["speedup"] = row["ours"]["real_tokens_per_second"] / row["standard"]["real_tokens_per_second"]
         row["work_ratio"] = (row["standard"]["performed_flops_per_real_token"]
                              / row["ours"]["performed_flops_per_real_token"])
@@ -192,8 +200,8 @@ def run(args) -> None:
             "memory_ratio_above_libraries": (ours["ours"]["peak_above_libraries_mb"]
                                              / standard["standard"]["peak_above_libraries_mb"])}
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-              "steps": args.steps, "batch_size": args.batch_size, "micro_batch_size": 4, "data": str(data),
-              "peak_flops": peaks, "rows": rows, "best_settings_each": best}
+              "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "micro_batch_size": 4,
+              "data": str(data), "peak_flops": peaks, "rows": rows, "best_settings_each": best}
     (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2))
     print(_table(rows, best))
 
@@ -327,6 +335,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--val_rows", type=int, default=48)
     parser.add_argument("--quick", action="store_true", help="one configuration only")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each path per configuration (the fastest counts)")
     parser.add_argument("--gpu", action="store_true", help="the 7B-shaped 8-bit/4-bit runs on a CUDA GPU")
     parser.add_argument("--only", default="8bit,4bit,bf16", help="with --gpu: which groups of runs (also: compile)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
