@@ -658,7 +658,7 @@ An instruction-following LoRA adapter trained with alpaca-lora on Alpaca-format 
 ## Evaluation
 - final training loss (last step): {summary['final_train_loss']:.4f}
 - validation loss (per response token): {f'{val:.4f} (perplexity {math.exp(val):.2f})' if val is not None else 'not measured (val_set_size 0)'}
-- {summary['steps']} optimizer steps, {summary['precision']} on {summary['device']}{memory}, {summary['wall_seconds']:.0f} s
+- {summary['steps']} optimizer steps, {summary['precision']} on {summary['device']} ({summary['attention']} attention){memory}, {summary['wall_seconds']:.0f} s
 
 ## Training arguments
 | flag | value |

@@ -38,7 +38,7 @@ def test_training_writes_a_self_describing_adapter(tiny_base, alpaca_file, tmp_p
     assert summary["arguments"]["lora_r"] == 8 and summary["arguments"]["world_size"] == 1
     assert summary["data"]["rows"] == 48 and summary["data"]["train_rows"] == 40 and summary["data"]["validation_rows"] == 8
     assert len(summary["data"]["sha256"]) == 64 and summary["data"]["truncated_examples"] >= 0
-    assert summary["steps"] == 10 and summary["precision"] == "fp32"
+    assert summary["steps"] == 10 and summary["precision"] == "fp32" and summary["attention"] == "sdpa"
     assert summary["final_train_loss"] == result.history[-1]["loss"]
     assert summary["final_validation_loss"] == result.history[-1]["val_loss"] and "val_loss" in result.history[4]
     assert summary["real_tokens_per_second"] > 0 and summary["wall_seconds"] > 0
@@ -47,6 +47,7 @@ def test_training_writes_a_self_describing_adapter(tiny_base, alpaca_file, tmp_p
     assert logged == json.loads(json.dumps(result.history))
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_base}" in card and "CC BY-NC 4.0" in card and "hallucinate" in card
+    assert "fp32 on cpu (sdpa attention)" in card
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_base)
 
     weights = load_file(out / "adapter_model.safetensors")
