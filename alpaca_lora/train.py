@@ -327,8 +327,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     checkpointing = quantization is not None if config.gradient_checkpointing is None else config.gradient_checkpointing
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same LoRA init and dropout masks on every run with this seed
-    attention = attention_implementation(device, bf16)
-    model = load_model(config.base_model, quantization, bf16, device, attention)
+    model = load_model(config.base_model, quantization, bf16, device, attention_implementation(device, bf16))
+    attention = model.config._attn_implementation  # what transformers set up; evaluate_loss reads it there too
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         target_modules=config.lora_target_modules, use_dora=config.use_dora,
                         use_rslora=config.use_rslora, gradient_checkpointing=checkpointing,
