@@ -110,6 +110,51 @@ def _keep_4bit_cpu_weights_unpacked(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+class LoraInputDropout(torch.nn.Module):
+    """Dropout on a LoRA layer's input, its random numbers drawn 16 bits per element, its mask kept as bool.
+
+    torch's dropout draws each element on its own (bernoulli_: 2.7 ms for a [1024, 512] input on this
+    project's CPU, 13% of a step with LoRA on every linear layer) and keeps its mask in the input's dtype;
+    here one 64-bit draw serves four elements (0.9 ms) and autograd keeps only the bool mask. The drop
+    probability is rounded to a multiple of 1/65536 (0.05 -> 0.049988) and the kept inputs are scaled by
+    1 / (1 - that probability), so the output's expectation is the input, as with torch's dropout.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        drops = round(p * 2 ** 16)  # of the 65,536 values a 16-bit draw takes, this many drop the element
+        self.p, self.scale, self.drop_below = drops / 2 ** 16, 1 / (1 - drops / 2 ** 16), drops - 2 ** 15
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        # random_ over the whole int64 range: its default range leaves the top bit 0, which would make every
+        # fourth 16-bit lane non-negative and never drop its element
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+        draws.random_(-2 ** 63, 2 ** 63 - 1)
+        keep = draws.view(torch.int16)[:x.numel()].view(x.shape) >= self.drop_below
+        # autograd saves `keep` alone: the input's gradient is where(keep, grad * scale, 0)
+        return torch.where(keep, x * self.scale, 0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_lora_dropout(model, keep_input_dtype: bool) -> None:
+    """Swap peft's LoRA dropout (torch's nn.Dropout) for LoraInputDropout; with keep_input_dtype (under autocast)
+    also stop peft copying each LoRA input to the adapter's fp32: autocast casts it back to bf16 for the
+    matmul anyway, so the copy only cost time and, with torch's dropout, an fp32 mask per layer."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in module.lora_dropout.items():
+                if type(dropout) is torch.nn.Dropout:
+                    module.lora_dropout[name] = LoraInputDropout(dropout.p)
+            if keep_input_dtype:
+                module.cast_input_dtype_enabled = False
+
+
 def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules, use_dora: bool, use_rslora: bool,
                 gradient_checkpointing: bool, quantization: str | None):
     """Wrap the base in a peft LoRA model; only the adapter weights (kept in fp32) are trainable."""

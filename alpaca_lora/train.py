@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import (IGNORE_INDEX, load_rows, pack_rows, packed_collate, pad_collate, plan_micro_batches, split_rows,
                    tokenize_rows_cached, validate_rows)
-from .model import VARLEN_ATTENTION, attach_lora, attention_implementation, fast_bf16_available, load_model, load_tokenizer
+from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, fast_bf16_available, load_model,
+                    load_tokenizer, use_fast_lora_dropout)
 from .templates import load_template
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -56,6 +57,9 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    fast_lora_dropout: bool = field(default=True, metadata={
+        "help": "LoRA dropout from 16-bit random draws with a bool mask, input left in the autocast dtype (3x faster "
+                "than peft's on a CPU, less memory; p rounded to 1/65536); False: peft's nn.Dropout"})
     lora_target_modules: object = field(default=("q_proj", "v_proj"), metadata={
         "help": "linear layers to adapt, e.g. '[q_proj,v_proj]', or all-linear"})
     train_on_inputs: bool = field(default=False, metadata={
@@ -122,7 +126,7 @@ class TrainConfig:
         if c.learning_rate == 0:
             raise ValueError("--learning_rate 0: must be positive, e.g. 3e-4")
         for name in ("train_on_inputs", "add_eos_token", "group_by_length", "load_4bit", "use_dora", "use_rslora",
-                     "skip_bad_rows", "packing", "torch_compile"):
+                     "skip_bad_rows", "packing", "torch_compile", "fast_lora_dropout"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"--{name} {getattr(c, name)!r}: must be True or False")
         for name in ("load_8bit", "bf16", "gradient_checkpointing"):
@@ -333,6 +337,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
                         target_modules=config.lora_target_modules, use_dora=config.use_dora,
                         use_rslora=config.use_rslora, gradient_checkpointing=checkpointing,
                         quantization=quantization)
+    if config.fast_lora_dropout:  # DoRA's forward is left to see the input in the dtype peft gives it
+        use_fast_lora_dropout(model, keep_input_dtype=bf16 and not config.use_dora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     gpu_memory_mb = {}
     if device.type == "cuda":  # what loading took; the peak is reset so that training's own peak is measured

@@ -4,9 +4,10 @@
     python bench/train_throughput.py --gpu [--only 8bit,4bit,bf16,compile]   # 7B-shaped model on a CUDA GPU
 
 The standard path is what alpaca-lora (and most HF Trainer + peft scripts) do: each example padded to the
-longest of its micro-batch (rounded up to a multiple of 8), full-vocabulary logits at every position.
-Ours: whole examples packed end to end (no padding, attention kept inside each example) and the LM head
-and cross-entropy run only at response positions. Both train the same examples in every step.
+longest of its micro-batch (rounded up to a multiple of 8), full-vocabulary logits at every position, peft's
+LoRA layer as it comes (its input copied to fp32, torch's dropout). Ours: whole examples packed end to end (no
+padding, attention kept inside each example), the LM head and cross-entropy only at response positions, and
+--fast_lora_dropout. Both train the same examples in every step.
 
 Each configuration runs in a fresh process (so peak resident memory is its own), standard and ours
 alternating, `--repeats` times each; the fastest run of each path counts (interference from other work on
@@ -86,6 +87,7 @@ def worker(args) -> None:
         micro_batch_size=4, num_epochs=1, max_steps=args.steps, cutoff_len=args.cutoff, val_set_size=args.val_rows,
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
         save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",
+        fast_lora_dropout=args.path == "ours",  # the standard path: peft's LoRA layer as it comes
         load_8bit=args.dtype == "8bit", load_4bit=args.dtype == "4bit",
         gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing), torch_compile=args.torch_compile,
         **LORA[args.lora])

@@ -6,7 +6,8 @@ import torch
 from conftest import DEVICES
 
 from alpaca_lora import model as model_module
-from alpaca_lora.model import attach_lora, fast_bf16_available, load_model, load_tokenizer
+from alpaca_lora.model import (LoraInputDropout, attach_lora, fast_bf16_available, load_model, load_tokenizer,
+                                use_fast_lora_dropout)
 
 CPU = torch.device("cpu")
 HAS_AVX512_BF16 = "avx512_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
@@ -104,6 +105,76 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(tiny_base):
                              gradient_checkpointing=False, quantization=None)
     adapted = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}  # ...q_proj.lora_A.default.weight
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_fast_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest():
+    dropout = LoraInputDropout(0.05).train()
+    x = torch.rand(2048, 1024) + 0.5  # no zeros, so a zero in the output is a dropped element
+    torch.manual_seed(0)
+    out = dropout(x)
+    dropped = out == 0
+    assert dropout.p == 3277 / 65536 and dropout.scale == 1 / (1 - 3277 / 65536)
+    assert abs(dropped.float().mean().item() - dropout.p) < 5e-4  # 2M draws: 5 standard deviations
+    # four elements share one 64-bit draw; each of its 16-bit lanes must drop at the same rate (the top lane
+    # never dropped when the draw's sign bit was left at 0)
+    for lane in range(4):
+        assert abs(dropped.flatten().view(-1, 4)[:, lane].float().mean().item() - dropout.p) < 1e-3
+    assert torch.equal(out[~dropped], x[~dropped] * dropout.scale)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out)  # the seed decides the mask, as for torch's dropout
+    assert not torch.equal(dropout(x), out)
+    assert dropout.eval()(x) is x
+
+
+def test_fast_lora_dropout_keeps_only_a_bool_mask_for_its_gradient():
+    dropout = LoraInputDropout(0.1).train()
+    x = (torch.rand(64, 512) + 0.5).to(torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = dropout(x)
+    assert [t.dtype for t in saved] == [torch.bool] and saved[0].shape == x.shape
+    grad = torch.randn(x.shape).to(torch.bfloat16)
+    out.backward(grad)
+    assert torch.equal(x.grad, torch.where(out != 0, grad * dropout.scale, 0))
+
+
+def test_fast_lora_dropout_under_autocast_gives_peft_s_computation_without_the_fp32_copy(tiny_base):
+    """Under bf16 autocast peft copies each LoRA input to fp32 and torch's dropout keeps an fp32 mask; with
+    use_fast_lora_dropout the input stays bf16. Dropout off, the layer's output is bit for bit peft's; on,
+    it is base + B(A(dropped input)) * scaling with the mask the same seed draws."""
+    stock = _lora(load_model(str(tiny_base), None, True, CPU), dropout=0.1)
+    _nudge_lora_b(stock)
+    x = torch.randn(2, 16, stock.config.hidden_size).to(torch.bfloat16)
+    layer = stock.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_eval = layer.eval()(x)
+        layer.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            layer(x.requires_grad_())
+        assert torch.float32 in {t.dtype for t in saved if t.numel() == x.numel()}  # peft's: an fp32 mask
+
+        use_fast_lora_dropout(stock, keep_input_dtype=True)
+        assert all(type(m.lora_dropout["default"]) is LoraInputDropout for m in (layer, stock.base_model.model.model
+                                                                                  .layers[1].self_attn.v_proj))
+        assert torch.equal(layer.eval()(x), expected_eval)
+        layer.train()
+        saved = []
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = layer(x)
+        assert {t.dtype for t in saved if t.numel() == x.numel()} <= {torch.bfloat16, torch.bool}
+        torch.manual_seed(3)
+        dropped = layer.lora_dropout["default"](x)
+        expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](dropped)) * layer.scaling["default"]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_fast_lora_dropout_leaves_no_dropout_alone(tiny_base):
+    peft_model = _lora(load_model(str(tiny_base), None, False, CPU), dropout=0.0)
+    use_fast_lora_dropout(peft_model, keep_input_dtype=False)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.lora_dropout["default"]) is torch.nn.Identity and layer.cast_input_dtype_enabled
 
 
 def test_unknown_target_module_names_the_flag(tiny_base):

@@ -85,6 +85,18 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_base, alpaca_file, tm
     assert losses(checkpointed.history) == pytest.approx(losses(plain.history), rel=1e-5)
 
 
+def test_fast_lora_dropout_changes_only_the_masks(tiny_base, alpaca_file, tmp_path):
+    """Without dropout, bf16 training with the LoRA input left in bf16 logs exactly peft's losses (its fp32
+    copy changed nothing autocast did not undo); with dropout, both draw masks of the same rate and the runs
+    stay close but differ."""
+    runs = {(fast, p): losses(train(tiny_config(tiny_base, alpaca_file, tmp_path / f"{fast}-{p}", bf16=True,
+                                                 fast_lora_dropout=fast, lora_dropout=p)).history)
+            for fast in (True, False) for p in (0.0, 0.1)}
+    assert runs[True, 0.0] == runs[False, 0.0]
+    assert runs[True, 0.1] != runs[False, 0.1]
+    assert runs[True, 0.1] == pytest.approx(runs[False, 0.1], rel=0.05)
+
+
 def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tiny_base, alpaca_file, tmp_path):
     """Stopped after step 4 of 10 (epoch 1 of 2) and resumed: weights, optimizer, schedule, dropout RNG and
     data position all come back, so steps 5..10 match to 1e-5."""
