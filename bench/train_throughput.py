@@ -9,6 +9,10 @@ LoRA layer as it comes (its input copied to fp32, torch's dropout). Ours: whole 
 padding, attention kept inside each example), the LM head and cross-entropy only at response positions, and
 --fast_lora_dropout. Both train the same examples in every step.
 
+Micro-batch 4 (alpaca-lora's) throughout; in bf16 also 1 and 2 for both paths, for each path's best settings: on
+a CPU a micro-batch of one example has no padding and still runs its matmuls near full speed, which makes it the
+standard path's fastest setting here.
+
 Each configuration runs in a fresh process (so peak resident memory is its own), standard and ours
 alternating, `--repeats` times each; the fastest run of each path counts (interference from other work on
 the machine only slows a run down), and every run's tokens per second is kept in the JSON. The model is LLaMA-shaped (hidden 512, 8 layers, 8 heads, MLP 1376) with the real 32,000-token
@@ -84,7 +88,8 @@ def worker(args) -> None:
 
     config = TrainConfig(
         base_model=args.base, data_path=args.data, output_dir=args.output_dir, batch_size=args.batch_size,
-        micro_batch_size=4, num_epochs=1, max_steps=args.steps, cutoff_len=args.cutoff, val_set_size=args.val_rows,
+        micro_batch_size=args.micro_batch, num_epochs=1, max_steps=args.steps, cutoff_len=args.cutoff,
+        val_set_size=args.val_rows,
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
         save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",
         fast_lora_dropout=args.path == "ours",  # the standard path: peft's LoRA layer as it comes
@@ -156,22 +161,31 @@ def run(args) -> None:
     # allocator; then live memory: glibc keeps freed blocks, so peak RSS mostly shows what the allocator
     # retained; with a fixed 1 MB mmap threshold every large tensor goes back to the system when freed and
     # peak RSS follows the live tensors (slower, so those runs' speeds are not comparable with the others)
-    configs = [(lora, cutoff, dtype, "off", "default") for lora in LORA for cutoff in (256, 512)
+    # the last element is the micro-batch: 4 (alpaca-lora's) throughout, and 1 and 2 in bf16 for the best
+    # settings of each path: on a CPU a micro-batch of one example has no padding and still runs near full
+    # matmul speed, so it is the standard path's fastest setting here (on a GPU, small micro-batches idle it)
+    configs = [(lora, cutoff, dtype, "off", "default", 4) for lora in LORA for cutoff in (256, 512)
                for dtype in ("fp32", "bf16")]
-    configs += [("qv-r8", 1024, "bf16", "off", "default")]
-    configs += [("qv-r8", cutoff, "bf16", checkpointing, "live") for cutoff in (256, 512) for checkpointing in ("off", "on")]
+    configs += [(lora, cutoff, "bf16", "off", "default", micro) for lora in LORA for cutoff in (256, 512)
+                for micro in (1, 2)]
+    configs += [("qv-r8", 1024, "bf16", "off", "default", 4)]
+    configs += [("qv-r8", cutoff, "bf16", checkpointing, "live", 4) for cutoff in (256, 512)
+                for checkpointing in ("off", "on")]
     if args.quick:
-        configs = [("qv-r8", 256, "bf16", "off", "default")]
+        configs = [("qv-r8", 256, "bf16", "off", "default", 4)]
     rows = []
-    for lora, cutoff, dtype, checkpointing, memory in configs:
-        row = {"lora": lora, "cutoff": cutoff, "dtype": dtype, "gradient_checkpointing": checkpointing, "memory": memory}
+    for lora, cutoff, dtype, checkpointing, memory, micro_batch in configs:
+        row = {"lora": lora, "cutoff": cutoff, "dtype": dtype, "gradient_checkpointing": checkpointing, "memory": memory,
+               "micro_batch": micro_batch}
         runs = {"standard": [], "ours": []}
         for _ in range(args.repeats):
             for path in ("standard", "ours"):  # alternating, one fresh process each
                 measured = launch_worker(args, path=path, lora=lora, cutoff=cutoff, dtype=dtype, base=base, data=data,
-                                         checkpointing=checkpointing, live_memory=memory == "live")
+                                         checkpointing=checkpointing, live_memory=memory == "live",
+                                         micro_batch=micro_batch)
                 runs[path].append(measured)
-                print(f"  {lora} cutoff {cutoff} {dtype} checkpointing {checkpointing} {memory} memory {path}: "
+                print(f"  {lora} cutoff {cutoff} {dtype} checkpointing {checkpointing} {memory} memory "
+                      f"micro-batch {micro_batch} {path}: "
                       f"{measured['real_tokens_per_second']:.0f} tokens/s, {measured['peak_rss_mb']:.0f} MB, "
                       f"eval loss {measured['eval_loss']:.5f}", flush=True)
         for path in ("standard", "ours"):
@@ -197,26 +211,27 @@ def run(args) -> None:
         ours = max(group, key=lambda r: r["ours"]["real_tokens_per_second"])
         best[f"{lora} cutoff {cutoff}"] = {
             "standard_dtype": standard["dtype"], "ours_dtype": ours["dtype"],
+            "standard_micro_batch": standard["micro_batch"], "ours_micro_batch": ours["micro_batch"],
             "speedup": ours["ours"]["real_tokens_per_second"] / standard["standard"]["real_tokens_per_second"],
             "memory_ratio": ours["ours"]["peak_rss_mb"] / standard["standard"]["peak_rss_mb"],
             "memory_ratio_above_libraries": (ours["ours"]["peak_above_libraries_mb"]
                                              / standard["standard"]["peak_above_libraries_mb"])}
     report = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-              "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "micro_batch_size": 4,
+              "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
               "data": str(data), "peak_flops": peaks, "rows": rows, "best_settings_each": best}
     (RESULTS / "train_throughput.json").write_text(json.dumps(report, indent=2))
     print(_table(rows, best))
 
 
 def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing="auto", live_memory=False,
-                  compiled=False) -> dict:
+                  compiled=False, micro_batch=4) -> dict:
     """One training run in a fresh process (so its peak memory is its own); its measurements."""
     command = [sys.executable, __file__, "--worker", "--path", path, "--lora", lora, "--cutoff", str(cutoff),
                "--dtype", dtype, "--base", str(base), "--data", str(data), "--steps", str(args.steps),
                "--batch_size", str(args.batch_size), "--val_rows", str(args.val_rows), "--checkpointing", checkpointing,
-               *(["--torch_compile"] if compiled else []),
+               "--micro_batch", str(micro_batch), *(["--torch_compile"] if compiled else []),
                "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}"
-                                                       f"-{live_memory}-{compiled}")]
+                                                       f"-{live_memory}-{compiled}-{micro_batch}")]
     env = {**os.environ, "WANDB_MODE": "disabled", **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)} if live_memory else {})}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
@@ -306,27 +321,29 @@ def _machine() -> str:
 
 
 def _table(rows, best) -> str:
-    lines = ["| LoRA | cutoff | dtype | grad. ckpt | memory | path | real tokens/s | s/step | peak RSS MB | "
+    lines = ["| LoRA | cutoff | dtype | micro-batch | grad. ckpt | memory | path | real tokens/s | s/step | peak RSS MB | "
              "above libraries MB | padding | MFU | eval loss |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for path in ("standard", "ours"):
             m = r[path]
-            lines.append(f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['gradient_checkpointing']} | {r['memory']} | {path} | "
+            lines.append(f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['micro_batch']} | {r['gradient_checkpointing']} | "
+                         f"{r['memory']} | {path} | "
                          f"{m['real_tokens_per_second']:.0f} | {m['seconds_per_step']:.2f} | {m['peak_rss_mb']:.0f} | "
                          f"{m['peak_above_libraries_mb']:.0f} | {m['padding_fraction']:.1%} | {m['mfu']:.1%} | "
                          f"{m['eval_loss']:.5f} |")
     lines += ["", "Same settings, ours / standard (work ratio: FLOPs per real token the standard path does over ours, "
               "the speedup at equal efficiency):", "",
-              "| LoRA | cutoff | dtype | grad. ckpt | memory | tokens/s | work ratio | peak RSS | above libraries | "
-              "eval loss rel. diff |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['gradient_checkpointing']} | {r['memory']} | "
+              "| LoRA | cutoff | dtype | micro-batch | grad. ckpt | memory | tokens/s | work ratio | peak RSS | "
+              "above libraries | eval loss rel. diff |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['lora']} | {r['cutoff']} | {r['dtype']} | {r['micro_batch']} | {r['gradient_checkpointing']} | {r['memory']} | "
               f"{r['speedup']:.2f}x | "
               f"{r['work_ratio']:.2f}x | {r['memory_ratio']:.2f} | {r['memory_ratio_above_libraries']:.2f} | "
               f"{r['eval_loss_relative_difference']:.1e} |" for r in rows]
-    lines += ["", "Best settings each (fastest dtype of each path), ours / standard:", "",
+    lines += ["", "Best settings each (the fastest dtype and micro-batch of each path), ours / standard:", "",
               "| LoRA, cutoff | standard | ours | tokens/s | peak RSS | above libraries |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {k} | {v['standard_dtype']} | {v['ours_dtype']} | {v['speedup']:.2f}x | {v['memory_ratio']:.2f} | "
+    lines += [f"| {k} | {v['standard_dtype']}, micro-batch {v['standard_micro_batch']} | {v['ours_dtype']}, micro-batch "
+              f"{v['ours_micro_batch']} | {v['speedup']:.2f}x | {v['memory_ratio']:.2f} | "
               f"{v['memory_ratio_above_libraries']:.2f} |" for k, v in sorted(best.items())]
     return "\n".join(lines)
 
@@ -345,6 +362,7 @@ if __name__ == "__main__":
     for name in ("path", "lora", "dtype", "base", "data", "output_dir", "checkpointing"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--cutoff", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--micro_batch", type=int, default=4, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     sys.path.insert(0, str(REPO))
     worker(arguments) if arguments.worker else run_gpu(arguments) if arguments.gpu else run(arguments)
