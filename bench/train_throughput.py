@@ -161,9 +161,7 @@ def run(args) -> None:
     # allocator; then live memory: glibc keeps freed blocks, so peak RSS mostly shows what the allocator
     # retained; with a fixed 1 MB mmap threshold every large tensor goes back to the system when freed and
     # peak RSS follows the live tensors (slower, so those runs' speeds are not comparable with the others)
-    # the last element is the micro-batch: 4 (alpaca-lora's) throughout, and 1 and 2 in bf16 for the best
-    # settings of each path: on a CPU a micro-batch of one example has no padding and still runs near full
-    # matmul speed, so it is the standard path's fastest setting here (on a GPU, small micro-batches idle it)
+    # the last element is the micro-batch: 1 and 2 too for each path's best settings (see the docstring)
     configs = [(lora, cutoff, dtype, "off", "default", 4) for lora in LORA for cutoff in (256, 512)
                for dtype in ("fp32", "bf16")]
     configs += [(lora, cutoff, "bf16", "off", "default", micro) for lora in LORA for cutoff in (256, 512)

@@ -1,3 +1,4 @@
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,14 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(tiny_base):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+@contextmanager
+def _saved_for_backward():
+    """The tensors autograd saves for backward inside the block, in order."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        yield saved
+
+
 def test_fast_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest():
     dropout = LoraInputDropout(0.05).train()
     x = torch.rand(2048, 1024) + 0.5  # no zeros, so a zero in the output is a dropped element
@@ -129,8 +138,7 @@ def test_fast_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest
 def test_fast_lora_dropout_keeps_only_a_bool_mask_for_its_gradient():
     dropout = LoraInputDropout(0.1).train()
     x = (torch.rand(64, 512) + 0.5).to(torch.bfloat16).requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with _saved_for_backward() as saved:
         out = dropout(x)
     assert [t.dtype for t in saved] == [torch.bool] and saved[0].shape == x.shape
     grad = torch.randn(x.shape).to(torch.bfloat16)
@@ -149,8 +157,7 @@ def test_fast_lora_dropout_under_autocast_gives_peft_s_computation_without_the_f
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected_eval = layer.eval()(x)
         layer.train()
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with _saved_for_backward() as saved:
             layer(x.requires_grad_())
         assert torch.float32 in {t.dtype for t in saved if t.numel() == x.numel()}  # peft's: an fp32 mask
 
@@ -159,9 +166,8 @@ def test_fast_lora_dropout_under_autocast_gives_peft_s_computation_without_the_f
                                                                                   .layers[1].self_attn.v_proj))
         assert torch.equal(layer.eval()(x), expected_eval)
         layer.train()
-        saved = []
         torch.manual_seed(3)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with _saved_for_backward() as saved:
             out = layer(x)
         assert {t.dtype for t in saved if t.numel() == x.numel()} <= {torch.bfloat16, torch.bool}
         torch.manual_seed(3)
