@@ -1,6 +1,9 @@
 """The training benchmark measures what it says: each worker reports its own peak memory and real throughput."""
 
+import importlib.util
 import json
+
+import pytest
 
 from conftest import REPO, run_script
 
@@ -19,3 +22,31 @@ def test_a_worker_reports_its_own_peak_memory_not_its_launchers(tiny_base, alpac
     assert 0 < result["peak_above_libraries_mb"] < result["peak_rss_mb"] < 1024  # a tiny model: well under 1 GB
     assert result["real_tokens_per_second"] > 0 and len(result["train_losses"]) == 2
     assert 0 <= result["padding_fraction"] < 0.2  # packed
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(micro_batch, standard_tokens_per_second, ours_tokens_per_second):
+    def path(tokens_per_second):
+        return {"real_tokens_per_second": tokens_per_second, "target_tokens_per_second": tokens_per_second / 2,
+                "performed_flops_per_real_token": 0.0, "peak_rss_mb": 1000.0, "peak_above_libraries_mb": 600.0}
+    return {"lora": "qv-r8", "cutoff": 256, "dtype": "bf16", "gradient_checkpointing": "off", "memory": "default",
+            "micro_batch": micro_batch, "standard": path(standard_tokens_per_second), "ours": path(ours_tokens_per_second)}
+
+
+def test_best_settings_pick_each_paths_fastest_row_and_bound_the_speedup():
+    bench = _bench_module()
+    rows = [_row(4, standard_tokens_per_second=700, ours_tokens_per_second=1400),
+            _row(1, standard_tokens_per_second=1000, ours_tokens_per_second=1300)]
+    best = bench.best_settings_each(rows, {"fp32": 200e9, "bf16": 400e9})["qv-r8 cutoff 256"]
+    assert (best["standard_micro_batch"], best["ours_micro_batch"]) == (1, 4)
+    assert best["speedup"] == pytest.approx(1.4)
+    # useful FLOPs per real token for the benchmark's model at cutoff 256, half the tokens with a target:
+    # decoder 4 x 25,296,896 parameters + attention 4 x 2,457,600, head 4 x 512 x 32,000 at half the tokens
+    useful = 4 * 25_296_896 + 4 * 2_457_600 + 0.5 * 4 * 512 * 32_000
+    assert best["speedup_ceiling"] == pytest.approx(400e9 / useful / 1000)  # 2.78x: the bf16 peak, all useful work
