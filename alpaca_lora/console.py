@@ -7,7 +7,9 @@ and help text, and turns a ValueError (the package's way of saying "bad input") 
 import dataclasses
 import functools
 import inspect
+import logging
 import sys
+import warnings
 
 
 def _fire_command(config_cls, run, summary: str):
@@ -31,10 +33,19 @@ def _run(prog: str, config_cls, run, summary: str) -> None:
 def _fire(prog: str, component, argv=None) -> None:
     import fire
 
+    _quiet_library_notices()
     try:
         fire.Fire(component, command=argv, name=prog)
     except ValueError as error:
         sys.exit(f"{prog}: error: {error}")
+
+
+def _quiet_library_notices() -> None:
+    """Silence two notices that every run printed and no user can act on: peft reads a transformers property
+    that transformers 5 deprecates, and bitsandbytes, on a CPU with AVX512-BF16, says it found no optional
+    `kernels` package for 4-bit inference (the 4-bit path here works without it)."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def finetune() -> None:
