@@ -122,7 +122,9 @@ class LoraInputDropout(torch.nn.Module):
 
     def __init__(self, p: float):
         super().__init__()
-        drops = round(p * 2 ** 16)  # of the 65,536 values a 16-bit draw takes, this many drop the element
+        # of the 65,536 values a 16-bit draw takes, this many drop the element (at least one value keeps it:
+        # a p within 1/131072 of 1 would otherwise round to dropping everything and a scale of 1/0)
+        drops = min(round(p * 2 ** 16), 2 ** 16 - 1)
         self.p, self.scale, self.drop_below = drops / 2 ** 16, 1 / (1 - drops / 2 ** 16), drops - 2 ** 15
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

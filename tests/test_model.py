@@ -133,6 +133,8 @@ def test_fast_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest
     assert torch.equal(dropout(x), out)  # the seed decides the mask, as for torch's dropout
     assert not torch.equal(dropout(x), out)
     assert dropout.eval()(x) is x
+    assert LoraInputDropout(0.999999).p == 65535 / 65536  # --lora_dropout takes any p below 1; never 1/0
+
 
 
 def test_fast_lora_dropout_keeps_only_a_bool_mask_for_its_gradient():
