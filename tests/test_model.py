@@ -136,7 +136,6 @@ def test_fast_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest
     assert LoraInputDropout(0.999999).p == 65535 / 65536  # --lora_dropout takes any p below 1; never 1/0
 
 
-
 def test_fast_lora_dropout_keeps_only_a_bool_mask_for_its_gradient():
     dropout = LoraInputDropout(0.1).train()
     x = (torch.rand(64, 512) + 0.5).to(torch.bfloat16).requires_grad_()
