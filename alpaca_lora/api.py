@@ -1,13 +1,11 @@
 """API: chat completions through any OpenAI-compatible endpoint, with retries, a stop on fatal errors, and cost.
 
-Rate limits (429), server errors (5xx), timeouts and dropped connections are retried with capped exponential
-backoff that honours Retry-After. A bad key, a refused permission or an unknown model stops at once with one
+Rate limits (429), server errors (5xx), timeouts and dropped connections are retried by the openai client
+itself (capped exponential backoff that honours Retry-After); we count the retries. A bad key, a refused permission or an unknown model stops at once with one
 line (FatalAPIError): retrying those only burns time. The key is the client's business: it is read by the
 openai client from OPENAI_API_KEY or passed in, and never printed or written.
 """
 
-import asyncio
-import random
 from dataclasses import dataclass, field
 
 # US dollars per 1,000 tokens (input, output), from the providers' price pages; --price_per_1k_* overrides.
@@ -71,65 +69,80 @@ def make_spend(model: str, price_per_1k_input: float | None, price_per_1k_output
 
 @dataclass
 class Client:
-    """An AsyncOpenAI client and the retry policy around it."""
+    """An AsyncOpenAI client that retries as the module says, and counts its retries by reason."""
 
     model: str
     base_url: str = ""
     api_key: str | None = None
     timeout: float = 60.0
     max_retries: int = 8
-    backoff_seconds: float = 1.0
-    max_backoff_seconds: float = 60.0
-    retries: dict = field(default_factory=dict)  # reason -> count, for the summary
+    retries: dict = field(default_factory=dict)  # reason -> failed attempts, for the summary
 
     def __post_init__(self):
+        import httpx2
         import openai
 
+        # the openai client retries 408/409/429/5xx, timeouts and dropped connections itself, with capped
+        # exponential backoff that honours Retry-After; the transport below only counts what it retried
+        transport = _CountingTransport(httpx2.AsyncHTTPTransport(), self.retries)
         try:
             self._client = openai.AsyncOpenAI(base_url=self.base_url or None, api_key=self.api_key,
-                                              timeout=self.timeout, max_retries=0)
+                                              timeout=self.timeout, max_retries=self.max_retries,
+                                              http_client=openai.DefaultAsyncHttpxClient(transport=transport))
         except openai.OpenAIError:
             raise FatalAPIError("no API key: set OPENAI_API_KEY (any value for a local server that ignores it)") from None
 
     async def chat(self, messages: list[dict], **parameters):
-        """One chat completion; retried as the module says. Returns the openai response object."""
+        """One chat completion. Returns the openai response object; raises FatalAPIError for what no retry can fix,
+        and the openai client's own error once its retries are spent."""
         import openai
 
-        for attempt in range(self.max_retries + 1):
-            try:
-                return await self._client.chat.completions.create(model=self.model, messages=messages, **parameters)
-            except openai.AuthenticationError:
-                raise FatalAPIError("the API key was refused (401): check OPENAI_API_KEY") from None
-            except openai.PermissionDeniedError:
-                raise FatalAPIError(f"permission denied (403) for model {self.model!r}") from None
-            except openai.NotFoundError:
-                raise FatalAPIError(f"model {self.model!r} not found at {self.base_url or 'api.openai.com'} (404)") from None
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError) as error:
-                reason = type(error).__name__
-                self.retries[reason] = self.retries.get(reason, 0) + 1
-                if attempt == self.max_retries:
-                    raise
-                await asyncio.sleep(self._wait(attempt, error))
-            except openai.APIStatusError as error:
-                if error.status_code >= 500 or error.status_code == 429:
-                    self.retries[str(error.status_code)] = self.retries.get(str(error.status_code), 0) + 1
-                    if attempt == self.max_retries:
-                        raise
-                    await asyncio.sleep(self._wait(attempt, error))
-                else:
-                    raise FatalAPIError(f"the API refused the request ({error.status_code}): "
-                                        f"{str(error.message)[:200]}") from None
-
-    def _wait(self, attempt: int, error) -> float:
-        response = getattr(error, "response", None)
-        retry_after = response.headers.get("retry-after") if response is not None else None
         try:
-            if retry_after is not None:
-                return min(float(retry_after), self.max_backoff_seconds)
-        except ValueError:
-            pass
-        return min(self.backoff_seconds * 2 ** attempt, self.max_backoff_seconds) * (0.5 + random.random() / 2)
+            return await self._client.chat.completions.create(model=self.model, messages=messages, **parameters)
+        except openai.AuthenticationError:
+            raise FatalAPIError("the API key was refused (401): check OPENAI_API_KEY") from None
+        except openai.PermissionDeniedError:
+            raise FatalAPIError(f"permission denied (403) for model {self.model!r}") from None
+        except openai.NotFoundError:
+            raise FatalAPIError(f"model {self.model!r} not found at {self.base_url or 'api.openai.com'} (404)") from None
+        except openai.APIStatusError as error:
+            if error.status_code >= 500 or error.status_code in (408, 409, 429):
+                raise  # retried until the retries ran out: the caller counts the request as failed
+            raise FatalAPIError(f"the API refused the request ({error.status_code}): "
+                                f"{str(error.message)[:200]}") from None
 
     async def close(self):
         await self._client.close()
+
+
+class _CountingTransport:
+    """The HTTP transport the openai client sends through, counting each failed attempt by the error the
+    client makes of it (the retries, and the last failure when they run out)."""
+
+    def __init__(self, transport, counts: dict):
+        self._transport, self._counts = transport, counts
+
+    async def handle_async_request(self, request):
+        import httpx2
+
+        try:
+            response = await self._transport.handle_async_request(request)
+        except httpx2.TimeoutException:
+            self._count("APITimeoutError")
+            raise
+        except httpx2.TransportError:
+            self._count("APIConnectionError")
+            raise
+        if response.status_code == 429:
+            self._count("RateLimitError")
+        elif response.status_code >= 500:
+            self._count("InternalServerError")
+        elif response.status_code in (408, 409):
+            self._count(str(response.status_code))
+        return response
+
+    def _count(self, reason: str) -> None:
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+
+    async def aclose(self):
+        await self._transport.aclose()

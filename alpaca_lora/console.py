@@ -49,7 +49,8 @@ def _quiet_library_notices() -> None:
 
 
 def finetune() -> None:
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     _run("finetune.py", TrainConfig, train, "Fine-tune a LLaMA-family model with LoRA on Alpaca-format data.")
 
@@ -62,7 +63,7 @@ def make_demo_model() -> None:
 
 
 def generate() -> None:
-    from .generate import GenerateConfig, run_generate
+    from .generate_cli import GenerateConfig, run_generate
 
     _run("generate.py", GenerateConfig, run_generate,
          "Answer instructions with a base model + LoRA adapter: one-shot, interactive, batch file, or an "

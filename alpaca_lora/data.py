@@ -1,4 +1,4 @@
-"""Data: Alpaca rows -> validated rows -> token ids with response-only targets -> micro-batches.
+"""Data: Alpaca rows -> validated rows -> token ids with response-only targets.
 
 Follow one row: `load_rows` reads `{instruction, input, output}` (or a self-instruct seed task, whose
 instances each become a row), `validate_rows` checks its fields, `tokenize_rows` builds
@@ -12,23 +12,18 @@ prompt's tokens, as Stanford's train.py does, is off by one whenever a token spa
 Targets are stored already shifted by one, so examples can be laid end to end (packing) without a
 label leaking across an example boundary.
 
-Batching: `plan_micro_batches` decides which examples share an optimizer step. Those examples are then
-either padded (`pad_collate`: one row per example, right-padded, with an attention mask) or packed
-(`pack_rows` + `packed_collate`: whole examples laid end to end in rows of up to cutoff_len tokens,
-`position_ids` restarting at each example, attention confined to each example, almost no padding).
+Batching (which examples share a forward pass, padded or packed) is batching.py's job.
 """
 
 import hashlib
 import json
-import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from .files import staged
 from .templates import shipped_folder
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that take no loss
@@ -241,13 +236,12 @@ CACHE_FORMAT = 1  # bump when the meaning of a cached file changes
 def _write_tokenized(path: Path, tokenized: TokenizedSet) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lengths = [len(e.input_ids) for e in tokenized.examples]
-    temporary = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(temporary, lengths=np.array(lengths, dtype=np.int64),
-             input_ids=np.concatenate([e.input_ids for e in tokenized.examples] or [np.zeros(0, np.int32)]),
-             targets=np.concatenate([e.targets for e in tokenized.examples] or [np.zeros(0, np.int32)]),
-             truncated=np.array([e.truncated for e in tokenized.examples], dtype=bool),
-             counts=np.array([tokenized.num_truncated, tokenized.num_without_targets, tokenized.num_fitting]))
-    os.replace(temporary, path)  # readers see a whole file or none
+    with staged(path) as staging:  # readers see a whole file or none
+        np.savez(staging, lengths=np.array(lengths, dtype=np.int64),
+                 input_ids=np.concatenate([e.input_ids for e in tokenized.examples] or [np.zeros(0, np.int32)]),
+                 targets=np.concatenate([e.targets for e in tokenized.examples] or [np.zeros(0, np.int32)]),
+                 truncated=np.array([e.truncated for e in tokenized.examples], dtype=bool),
+                 counts=np.array([tokenized.num_truncated, tokenized.num_without_targets, tokenized.num_fitting]))
 
 
 def _read_tokenized(path: Path) -> TokenizedSet:
@@ -259,88 +253,3 @@ def _read_tokenized(path: Path) -> TokenizedSet:
         num_truncated, num_without_targets, num_fitting = (int(n) for n in saved["counts"])
     return TokenizedSet(examples=examples, num_truncated=num_truncated, num_without_targets=num_without_targets,
                         num_fitting=num_fitting)
-
-
-def plan_micro_batches(lengths: list[int], micro_batch_size: int, seed: int, epoch: int,
-                       group_by_length: bool, steps_group: int) -> list[list[int]]:
-    """One epoch's micro-batches as lists of example indices, the same on every process.
-
-    The order is a seeded shuffle per epoch. With group_by_length, the shuffled order is cut into
-    groups of `steps_group` micro-batches (one optimizer step's worth, times 50) and each group is sorted
-    by length, so a micro-batch holds examples of similar length and little padding, while the
-    order of groups stays random.
-    """
-    order = list(range(len(lengths)))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    if group_by_length:
-        group = micro_batch_size * steps_group * 50
-        order = [i for start in range(0, len(order), group)
-                 for i in sorted(order[start:start + group], key=lambda i: -lengths[i])]
-    return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
-
-
-def pad_collate(examples: list[Example], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
-    """Right-pad a micro-batch to its longest example (rounded up, as alpaca-lora does) with an attention mask."""
-    width = max(len(e.input_ids) for e in examples)
-    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.from_numpy(example.input_ids)
-        targets[row, :n] = torch.from_numpy(example.targets)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
-
-
-def pack_rows(indices: list[int], lengths: list[int], row_length: int) -> list[list[int]]:
-    """Lay examples end to end in rows of at most `row_length` tokens, as few rows as first-fit decreasing finds.
-
-    Rows stay as long as one padded example at most (cutoff_len), so attention costs no more than it
-    does padded: packing everything into one long row would make it quadratic in the whole micro-batch.
-    """
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(indices, key=lambda i: -lengths[i]):
-        fitting = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if fitting is None:
-            rows.append([i])
-            room.append(row_length - lengths[i])
-        else:
-            rows[fitting].append(i)
-            room[fitting] -= lengths[i]
-    return rows
-
-
-def packed_collate(rows: list[list[Example]], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
-    """[rows, width]: each row its examples end to end, `position_ids` restarting at 0 for each.
-
-    There is no attention mask on purpose: given restarting position_ids and no mask, transformers builds
-    a block-diagonal causal mask (each token sees only its own example); with a 2D mask it would not.
-    A row shorter than the widest is filled with pad tokens that form a segment of their own (positions
-    restarting, no targets), so no real token attends to them. Targets were shifted per example, so none
-    points across a boundary.
-    """
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
-    width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for example in row:
-            n = len(example.input_ids)
-            input_ids[r, start:start + n] = torch.from_numpy(example.input_ids)
-            targets[r, start:start + n] = torch.from_numpy(example.targets)
-            position_ids[r, start:start + n] = torch.arange(n)
-            start += n
-        position_ids[r, start:] = torch.arange(width - start)  # the filler: a segment of its own
-    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
-
-
-def drop_partial_last_line(path: Path) -> None:
-    """A kill mid-write can leave half a JSONL line; appending after it would glue two records together."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])

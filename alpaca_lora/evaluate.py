@@ -18,9 +18,13 @@ from pathlib import Path
 import torch
 
 from .api import Client, make_spend
-from .data import drop_partial_last_line, load_rows, tokenize_rows, validate_rows
-from .generate import Generator, Sampling, answer_file
-from .train import LossModule, TrainConfig, evaluate_loss, response_only_loss
+from .data import load_rows, tokenize_rows, validate_rows
+from .files import append_jsonl, resume_jsonl, write_text_atomically
+from .batching import PassLayout
+from .evaluation import evaluate_loss
+from .generate import Generator, Sampling
+from .generate_cli import answer_file
+from .loss import LossModule, response_only_loss
 
 JUDGE_PROMPT = """You are comparing two answers to the same request, written by two different assistants. Decide which \
 answer serves the person better: correct, helpful, complete and clear, and following the request (and its input, \
@@ -55,11 +59,12 @@ def heldout_loss(lora_weights: str = "", data_path: str = "", base_model: str = 
     generator = Generator(base_model, lora_weights, "", bf16=bf16)  # device chosen as everywhere: CUDA, MPS, CPU
     rows, _ = validate_rows(load_rows(data_path), skip_bad_rows=False)
     tokenized = tokenize_rows(rows, generator.tokenizer, generator.template, cutoff_len, train_on_inputs=False)
-    settings = TrainConfig(base_model=base_model or "adapter", micro_batch_size=micro_batch_size, cutoff_len=cutoff_len)
+    # packed rows of up to cutoff_len tokens: the same loss as padded rows (tests/test_packing.py), less padding
+    layout = PassLayout(rows_per_pass=micro_batch_size, row_length=cutoff_len, packing=True)
     model = generator.model
     autocast = (torch.autocast(generator.device.type, dtype=torch.bfloat16)
                 if next(model.parameters()).dtype == torch.bfloat16 else torch.autocast("cpu", enabled=False))
-    loss = evaluate_loss(LossModule(model, response_only_loss), tokenized.examples, settings,
+    loss = evaluate_loss(LossModule(model, response_only_loss), tokenized.examples, layout,
                          generator.tokenizer.pad_token_id, Accelerator(), autocast)
     result = {"loss": loss, "perplexity": math.exp(loss), "rows": len(rows), "examples": len(tokenized.examples),
               "truncated": tokenized.num_truncated, "target_tokens": sum(e.num_targets for e in tokenized.examples)}
@@ -159,20 +164,14 @@ def judge(config: JudgeConfig, api_key: str | None = None, read=input, write=pri
         client = Client(config.judge_model, config.base_url, api_key, config.request_timeout, config.max_retries)
         asyncio.run(_judge_by_model(jobs, ours, reference, cache, cache_path, client, spend, config.request_batch_size))
     report = _report(pairs, cache, config, missing, extra, spend)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.md").write_text(_markdown(report))
+    write_text_atomically(output_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomically(output_dir / "report.md", _markdown(report))
     write(_markdown(report))
     return report
 
 
 def _read_cache(path: Path) -> dict:
-    cache = {}
-    if path.is_file():
-        drop_partial_last_line(path)
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            cache[(record["instruction"], record["input"], record["ours_first"])] = record
-    return cache
+    return {(record["instruction"], record["input"], record["ours_first"]): record for record in resume_jsonl(path)}
 
 
 def _remember(cache: dict, path: Path, key, ours_first: bool, verdict: str | None, raw: str) -> None:
@@ -186,8 +185,7 @@ def _remember(cache: dict, path: Path, key, ours_first: bool, verdict: str | Non
     record = {"instruction": key[0], "input": key[1], "ours_first": ours_first, "verdict": verdict,
               "outcome": outcome, "judgement": raw}
     cache[(key[0], key[1], ours_first)] = record
-    with open(path, "a", encoding="utf-8") as out:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    append_jsonl(path, [record])
 
 
 def _shown(key, ours_first: bool, ours: dict, reference: dict) -> tuple[str, str]:

@@ -9,6 +9,7 @@ model must reproduce base + adapter on a probe prompt and must differ from the b
 merged nothing, as alpaca-lora's llama.cpp script does with current peft, is an error, not a file).
 """
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .generate import describe_adapter
+from .files import staged
+from .adapter_folder import AdapterDescription, arguments_table, describe_adapter
+from .llama_layout import meta_state_dict, meta_to_hf_rotary
 from .model import load_model
 
 PROBE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -46,9 +49,8 @@ def export(config: ExportConfig, write=print) -> dict:
     """Merge and write every output the flags ask for; returns what was measured."""
     _validate(config)
     adapter = describe_adapter(config.lora_weights)
-    base_model = config.base_model or adapter["base_model"]
-    summary_file = Path(config.lora_weights) / "training_summary.json"
-    trained_on = json.loads(summary_file.read_text())["precision"] if summary_file.is_file() else "unknown"
+    base_model = config.base_model or adapter.base_model
+    trained_on = adapter.summary.precision if adapter.summary else "unknown"
     cpu = torch.device("cpu")
 
     from peft import PeftModel
@@ -76,7 +78,7 @@ def export(config: ExportConfig, write=print) -> dict:
     write(f"adapter: largest change it makes to the probe logits: {adapter_effect:.4g}")
 
     if config.output_dir:
-        report["hf"] = _export_hf(merged, tokenizer, config, reference, base_logits, write)
+        report["hf"] = _export_hf(merged, tokenizer, config, adapter, base_model, reference, base_logits, write)
     if config.gguf:
         from .gguf_export import write_gguf
 
@@ -129,26 +131,19 @@ def check_logits(what: str, got: torch.Tensor, reference: torch.Tensor, base_log
     return {"max_abs_difference": error, "allowed": allowed, "difference_from_base": from_base}
 
 
-def _export_hf(merged, tokenizer, config: ExportConfig, reference, base_logits, write) -> dict:
+def _export_hf(merged, tokenizer, config: ExportConfig, adapter: AdapterDescription, base_model: str, reference,
+               base_logits, write) -> dict:
     from transformers import AutoModelForCausalLM
 
     target = Path(config.output_dir).expanduser()
-    staging = target.with_name(f".{target.name}.exporting")
-    shutil.rmtree(staging, ignore_errors=True)
     dtype = DTYPES[config.dtype]
-    merged.to(dtype).save_pretrained(staging, max_shard_size=config.max_shard_size)  # GGUF/Meta use the fp32 copy
-    tokenizer.save_pretrained(staging)
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)  # the weights as written, upcast
-    try:
+    with staged(target) as staging:
+        merged.to(dtype).save_pretrained(staging, max_shard_size=config.max_shard_size)  # GGUF/Meta use the fp32 copy
+        tokenizer.save_pretrained(staging)
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)  # the weights as written, upcast
         check = check_logits(f"--output_dir {config.output_dir}", _logits(reloaded, _probe_ids(tokenizer)),
                              reference, base_logits, tolerance(dtype, reference))
-    except ValueError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    (staging / "README.md").write_text(_model_card(config, check))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+        (staging / "README.md").write_text(_model_card(config, adapter, base_model, check))
     write(f"wrote {target}: {config.dtype} weights; probe logits within {check['max_abs_difference']:.3g} of base + "
           f"adapter (allowed {check['allowed']:.3g}), {check['difference_from_base']:.3g} from the bare base")
     return check
@@ -209,57 +204,10 @@ def _set_base_linear_weights(peft_model, weights: dict) -> None:
             target.weight.data = weight.to(target.weight.dtype).clone()
 
 
-def hf_to_meta_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF stores q/k rows rotated in two halves per head; Meta's and llama.cpp's layout interleaves them."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def meta_to_hf_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-META_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-              "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-              "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-              "post_attention_layernorm": "ffn_norm"}
-
-
-def interleaved_layout(model_config, state: dict, names: dict, embedding: str, norm: str, output: str,
-                       layer_format: str) -> dict:
-    """Merged HF weights under another format's names, q and k re-laid in the interleaved rotary order that
-    Meta's checkpoints and GGUF use. `names` maps HF's per-layer module names to the format's."""
-    n_heads = model_config.num_attention_heads
-    n_kv = getattr(model_config, "num_key_value_heads", None) or n_heads
-    out = {embedding: state["model.embed_tokens.weight"], norm: state["model.norm.weight"],
-           output: state.get("lm_head.weight", state["model.embed_tokens.weight"])}
-    for layer in range(model_config.num_hidden_layers):
-        for hf, name in names.items():
-            weight = state[f"model.layers.{layer}.{hf}.weight"]
-            if hf == "self_attn.q_proj":
-                weight = hf_to_meta_rotary(weight, n_heads)
-            elif hf == "self_attn.k_proj":
-                weight = hf_to_meta_rotary(weight, n_kv)
-            out[layer_format.format(layer=layer, name=name)] = weight
-    return out
-
-
-def meta_state_dict(model_config, state: dict, dtype: torch.dtype) -> dict:
-    """Merged HF weights renamed and re-laid for Meta's checkpoint format."""
-    weights = interleaved_layout(model_config, state, META_NAMES, "tok_embeddings.weight", "norm.weight",
-                                 "output.weight", "layers.{layer}.{name}.weight")
-    return {k: v.to(dtype).contiguous() for k, v in weights.items()}
-
-
 def _export_meta(model_config, state: dict, base_model: str, config: ExportConfig, write) -> dict:
     target = Path(config.meta_checkpoint).expanduser()
-    staging = target.with_name(f".{target.name}.exporting")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     dtype = DTYPES[config.dtype]
     weights = meta_state_dict(model_config, state, dtype)
-    torch.save(weights, staging / "consolidated.00.pth")
     hidden, intermediate = model_config.hidden_size, model_config.intermediate_size
     params = {"dim": hidden, "n_heads": model_config.num_attention_heads, "n_layers": model_config.num_hidden_layers,
               "norm_eps": model_config.rms_norm_eps, "vocab_size": model_config.vocab_size,
@@ -273,34 +221,30 @@ def _export_meta(model_config, state: dict, base_model: str, config: ExportConfi
         params["hidden_dim"] = intermediate  # no multiple_of gives it: say it outright
     else:
         params["multiple_of"] = multiple
-    (staging / "params.json").write_text(json.dumps(params, indent=2))
-    tokenizer_model = Path(base_model) / "tokenizer.model"
-    if tokenizer_model.is_file():
-        shutil.copy(tokenizer_model, staging / "tokenizer.model")
-    # verify: the file read back and laid out as HF again is the merged model, tensor for tensor
-    saved = torch.load(staging / "consolidated.00.pth", weights_only=True)
-    worst = 0.0
-    for layer in range(model_config.num_hidden_layers):
-        q = meta_to_hf_rotary(saved[f"layers.{layer}.attention.wq.weight"].float(), params["n_heads"])
-        worst = max(worst, (q - state[f"model.layers.{layer}.self_attn.q_proj.weight"]).abs().max().item())
-    allowed = 0.0 if dtype == torch.float32 else 1e-2 * max(v.abs().max().item() for v in state.values())
-    if worst > allowed or len(saved) != len(weights):
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ValueError(f"--meta_checkpoint {config.meta_checkpoint}: the written tensors do not read back as the "
-                         f"merged weights ({worst:.3g}); nothing was written")
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    with staged(target) as staging:
+        staging.mkdir(parents=True)
+        torch.save(weights, staging / "consolidated.00.pth")
+        (staging / "params.json").write_text(json.dumps(params, indent=2))
+        tokenizer_model = Path(base_model) / "tokenizer.model"
+        if tokenizer_model.is_file():
+            shutil.copy(tokenizer_model, staging / "tokenizer.model")
+        # verify: the file read back and laid out as HF again is the merged model, tensor for tensor
+        saved = torch.load(staging / "consolidated.00.pth", weights_only=True)
+        worst = 0.0
+        for layer in range(model_config.num_hidden_layers):
+            q = meta_to_hf_rotary(saved[f"layers.{layer}.attention.wq.weight"].float(), params["n_heads"])
+            worst = max(worst, (q - state[f"model.layers.{layer}.self_attn.q_proj.weight"]).abs().max().item())
+        allowed = 0.0 if dtype == torch.float32 else 1e-2 * max(v.abs().max().item() for v in state.values())
+        if worst > allowed or len(saved) != len(weights):
+            raise ValueError(f"--meta_checkpoint {config.meta_checkpoint}: the written tensors do not read back as "
+                             f"the merged weights ({worst:.3g}); nothing was written")
     write(f"wrote {target}: consolidated.00.pth ({len(weights)} tensors, {config.dtype}) and params.json")
     return {"tensors": len(weights), "max_abs_difference_q": worst}
 
 
-def _model_card(config: ExportConfig, check: dict) -> str:
-    summary_file = Path(config.lora_weights) / "training_summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    base = config.base_model or describe_adapter(config.lora_weights)["base_model"]
-    adapter_card = Path(config.lora_weights) / "README.md"
-    training = adapter_card.read_text().split("## Training arguments", 1)[-1] if adapter_card.is_file() else ""
+def _model_card(config: ExportConfig, adapter: AdapterDescription, base: str, check: dict) -> str:
+    summary = adapter.summary
+    data = json.dumps(dataclasses.asdict(summary.data), indent=1) if summary else "unknown (no training summary)"
     return f"""---
 base_model: {base}
 tags: [alpaca, lora, merged, alpaca-lora]
@@ -310,18 +254,20 @@ license: other
 # {base} + LoRA adapter, merged
 
 The adapter `{config.lora_weights}` merged into `{base}` by alpaca-lora's `export_hf.py`, saved as {config.dtype}.
-Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; prompt it with the `{summary.get('prompt_template', {}).get('name', 'alpaca')}` template.
+Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; prompt it with the `{adapter.prompt_template or 'alpaca'}` template.
 
 ## Verification
 On a probe prompt the merged model's logits are within {check['max_abs_difference']:.3g} of base + adapter (allowed
 {check['allowed']:.3g}) and {check['difference_from_base']:.3g} away from the bare base's.
 
 ## Training data and evaluation
-{json.dumps(summary.get('data', {}), indent=1)}
+{data}
 
-Final validation loss: {summary.get('final_validation_loss')}
+Final validation loss: {summary.final_validation_loss if summary else 'unknown'}
 
-## Training arguments{training.split('## Licences', 1)[0] if training else ' unknown (no adapter model card)'}
+## Training arguments
+{arguments_table(summary.arguments) if summary else 'unknown (no training summary)'}
+
 ## Licences
 The base model's licence applies to these weights. The Stanford Alpaca data is CC BY-NC 4.0 (non-commercial); data
 generated through the OpenAI API is subject to its terms of use.

@@ -5,14 +5,13 @@ so the model sees at inference exactly what it was trained on. The adapter folde
 (training_summary.json names the base model and the template), so `lora_weights` alone is enough.
 """
 
-import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import drop_partial_last_line, load_rows, validate_rows
+from .adapter_folder import describe_adapter
 from .model import fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
 
@@ -62,31 +61,18 @@ class Answer:
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
 
 
-def describe_adapter(lora_weights: str) -> dict:
-    """What the adapter folder says about itself: base model and prompt template."""
-    folder = Path(lora_weights).expanduser()
-    if not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"--lora_weights {lora_weights}: no adapter_config.json there; pass a folder finetune.py wrote")
-    description = {"base_model": json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")}
-    summary = folder / "training_summary.json"
-    if summary.is_file():
-        saved = json.loads(summary.read_text())
-        description.update(base_model=saved["base_model"], prompt_template=saved["prompt_template"]["name"])
-    return description
-
-
 class Generator:
     """A loaded model, its tokenizer and template; answers lists of prompts."""
 
     def __init__(self, base_model: str = "", lora_weights: str = "", prompt_template: str = "",
                  load_8bit: bool = False, load_4bit: bool = False, bf16: bool | None = None, device: str = ""):
-        adapter = describe_adapter(lora_weights) if lora_weights else {}
-        base_model = base_model or adapter.get("base_model") or ""
+        adapter = describe_adapter(lora_weights) if lora_weights else None
+        base_model = base_model or (adapter.base_model if adapter else "")
         if not base_model:
             raise ValueError("--base_model is required (or an adapter folder that names its base model)")
         self.device = torch.device(device) if device else _default_device()
         use_bf16 = fast_bf16_available(self.device) if bf16 is None else bf16
-        self.template = load_template(prompt_template or adapter.get("prompt_template") or "alpaca")
+        self.template = load_template(prompt_template or (adapter and adapter.prompt_template) or "alpaca")
         # the adapter folder carries the tokenizer it was trained with (pad token included)
         self.tokenizer = load_tokenizer(lora_weights if lora_weights and (Path(lora_weights) / "tokenizer_config.json").exists()
                                         else base_model)
@@ -182,135 +168,3 @@ def _default_device() -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def answer_file(generator: Generator, input_file: str, output_file: str, sampling: Sampling, batch_size: int,
-                seed: int | None, skip_bad_rows: bool = False, progress=print) -> int:
-    """Answer every row of an Alpaca-format file into JSONL, as it goes; rows already answered are skipped,
-    so an interrupted run loses nothing. Returns how many rows were answered now."""
-    loaded = load_rows(input_file)
-    rows, _ = validate_rows(loaded, skip_bad_rows)
-    output = Path(output_file).expanduser()
-    done = set()
-    if output.is_file():
-        for line in output.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                done.add((record["instruction"], record.get("input", "")))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by a kill: that row is answered again
-        drop_partial_last_line(output)
-    todo = [row for row in rows if (row["instruction"], row["input"]) not in done]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            answers = generator.answer([generator.build_prompt(r["instruction"], r["input"]) for r in batch],
-                                       sampling, seed)
-            for row, answer in zip(batch, answers):
-                out.write(json.dumps({"instruction": row["instruction"], "input": row["input"], "output": answer.text,
-                                      "reference": row["output"], "finish_reason": answer.finish_reason},
-                                     ensure_ascii=False) + "\n")
-            out.flush()
-            progress(f"{len(done) + start + len(batch)}/{len(rows)} rows answered")
-    return len(todo)
-
-
-@dataclass
-class GenerateConfig:
-    """Every flag of generate.py, with its default."""
-
-    base_model: str = field(default="", metadata={"help": "hub id or folder of the base model (default: the one the adapter names)"})
-    lora_weights: str = field(default="", metadata={"help": "adapter folder from finetune.py (none for a merged model)"})
-    prompt_template: str = field(default="", metadata={"help": "template name or .json path (default: the adapter's, else alpaca)"})
-    load_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes)"})
-    load_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes)"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 weights; default: where bf16 is fast, fp32 otherwise"})
-    instruction: str = field(default="", metadata={"help": "answer this one instruction and exit"})
-    input: str = field(default="", metadata={"help": "the optional input of --instruction"})
-    input_file: str = field(default="", metadata={"help": "answer every row of this Alpaca .json/.jsonl file"})
-    output_file: str = field(default="", metadata={"help": "JSONL answers of --input_file (rerunning resumes)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call with --input_file"})
-    serve: bool = field(default=False, metadata={"help": "run the OpenAI-compatible server with a web page"})
-    server_name: str = field(default="127.0.0.1", metadata={"help": "address the server binds"})
-    port: int = field(default=8000, metadata={"help": "port the server listens on"})
-    api_key: str = field(default="", metadata={"help": "require 'Authorization: Bearer KEY' on every API request"})
-    max_tokens_cap: int = field(default=1024, metadata={"help": "the largest max_tokens a server request may ask"})
-    temperature: float = field(default=0.7, metadata={"help": "0: greedy; > 0: sampling at this temperature"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass (when sampling)"})
-    top_k: int = field(default=40, metadata={"help": "sample among the k likeliest tokens (0: all)"})
-    num_beams: int = field(default=1, metadata={"help": "beam search with this many beams when > 1"})
-    max_new_tokens: int = field(default=256, metadata={"help": "longest answer in tokens"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "penalty on repeated tokens (1: none)"})
-    seed: int | None = field(default=None, metadata={"help": "seed for sampling (reproducible answers)"})
-
-
-def run_generate(config: GenerateConfig, read=input, write=print) -> None:
-    """The mode the flags ask for: server, batch file, one instruction, or an interactive session."""
-    if bool(config.input_file) != bool(config.output_file):
-        raise ValueError("--input_file and --output_file go together: pass both")
-    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
-        raise ValueError(f"--batch_size {config.batch_size!r}: must be a whole number >= 1")
-    sampling = Sampling(config.temperature, config.top_p, config.top_k, config.num_beams, config.max_new_tokens,
-                        config.repetition_penalty).validated(max_new_tokens_cap=100_000)
-    if config.input_file and not Path(config.input_file).expanduser().is_file():
-        raise ValueError(f"--input_file {config.input_file}: no such file")
-    generator = Generator(config.base_model, config.lora_weights, config.prompt_template, config.load_8bit,
-                          config.load_4bit, config.bf16)
-    if config.serve:
-        from .server import make_server
-
-        server = make_server(generator, config.server_name, config.port, config.api_key, config.max_tokens_cap, sampling)
-        write(f"serving {generator.name} on http://{config.server_name}:{server.server_address[1]}/ "
-              f"(OpenAI API under /v1{', API key required' if config.api_key else ''}); Ctrl-C stops")
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            server.server_close()
-    elif config.input_file:
-        count = answer_file(generator, config.input_file, config.output_file, sampling, config.batch_size, config.seed,
-                            progress=write)
-        write(f"answered {count} rows into {config.output_file}")
-    elif config.instruction:
-        _stream_answer(generator, generator.build_prompt(config.instruction, config.input), sampling, config.seed, write)
-    else:
-        interactive(generator, sampling, config.seed, read, write)
-
-
-def interactive(generator: Generator, sampling: Sampling, seed, read=input, write=print) -> None:
-    """Instruction, optional input, streamed answer, again. Ctrl-C during an answer stops that answer; at a
-    prompt (like Ctrl-D or 'exit') it leaves."""
-    write("Type an instruction (Ctrl-D or 'exit' to leave; Ctrl-C stops an answer).")
-    while True:
-        try:
-            instruction = read("Instruction: ").strip()
-            if instruction in ("exit", "quit"):
-                return
-            if not instruction:
-                continue
-            extra = read("Input (optional): ").strip()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at a prompt: leave quietly
-            write("")
-            return
-        _stream_answer(generator, generator.build_prompt(instruction, extra), sampling, seed, write)
-
-
-def _stream_answer(generator: Generator, prompt: str, sampling: Sampling, seed, write) -> None:
-    if sampling.num_beams > 1:  # beam search settles the text only at the end
-        write(generator.answer([prompt], sampling, seed)[0].text)
-        return
-    stop = threading.Event()
-    pieces = generator.stream(prompt, sampling, seed, stop)
-    started = False
-    while True:
-        try:
-            piece = next(pieces)
-        except StopIteration:
-            break
-        except KeyboardInterrupt:  # stop this answer, keep the program
-            stop.set()
-            continue
-        if isinstance(piece, str):
-            write(piece.lstrip() if not started else piece, end="", flush=True)
-            started = True
-    write("" if not stop.is_set() else " [stopped]")

@@ -6,24 +6,19 @@ The file is read back with gguf's reader and every tensor compared with the merg
 is renamed into place.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .export import interleaved_layout
+from .files import staged
+from .llama_layout import gguf_state_dict
 
-HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype values: "all F32", "mostly F16", ...
 
 
 def gguf_tensors(model_config, state: dict) -> dict[str, np.ndarray]:
     """Merged HF weights (fp32) under llama.cpp's names, q and k in the interleaved rotary layout."""
-    tensors = interleaved_layout(model_config, state, HF_TO_GGUF, "token_embd.weight", "output_norm.weight",
-                                 "output.weight", "blk.{layer}.{name}.weight")
-    return {name: t.float().numpy() for name, t in tensors.items()}
+    return {name: t.float().numpy() for name, t in gguf_state_dict(model_config, state).items()}
 
 
 def _encode(name: str, array: np.ndarray, gguf_type: str):
@@ -75,44 +70,39 @@ def write_gguf(model_config, state: dict, base_model: str, config, write) -> dic
         raise ValueError(f"--gguf: tokenizer.model has {len(tokens)} pieces but the model {model_config.vocab_size} "
                          "embeddings; GGUF needs them equal")
     target = Path(config.gguf).expanduser()
-    staging = target.with_name(f".{target.name}.{os.getpid()}.exporting")
-    writer = gguf.GGUFWriter(str(staging), "llama")
-    writer.add_name(Path(config.lora_weights).name)
-    writer.add_context_length(model_config.max_position_embeddings)
-    writer.add_embedding_length(model_config.hidden_size)
-    writer.add_block_count(model_config.num_hidden_layers)
-    writer.add_feed_forward_length(model_config.intermediate_size)
-    writer.add_head_count(model_config.num_attention_heads)
-    writer.add_head_count_kv(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
-    writer.add_rope_dimension_count(model_config.hidden_size // model_config.num_attention_heads)
-    writer.add_rope_freq_base(float(getattr(model_config, "rope_theta", None) or 10000.0))
-    writer.add_layer_norm_rms_eps(model_config.rms_norm_eps)
-    writer.add_vocab_size(model_config.vocab_size)
-    writer.add_file_type(FILE_TYPES[config.gguf_type])
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(processor.bos_id())
-    writer.add_eos_token_id(processor.eos_id())
-    writer.add_unk_token_id(processor.unk_id())
-    writer.add_pad_token_id(processor.unk_id())  # the pad token training used
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    tensors = gguf_tensors(model_config, state)
-    for name, array in tensors.items():
-        data, raw_dtype = _encode(name, array, config.gguf_type)
-        writer.add_tensor(name, data, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    try:
+    with staged(target) as staging:
+        writer = gguf.GGUFWriter(str(staging), "llama")
+        writer.add_name(Path(config.lora_weights).name)
+        writer.add_context_length(model_config.max_position_embeddings)
+        writer.add_embedding_length(model_config.hidden_size)
+        writer.add_block_count(model_config.num_hidden_layers)
+        writer.add_feed_forward_length(model_config.intermediate_size)
+        writer.add_head_count(model_config.num_attention_heads)
+        writer.add_head_count_kv(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
+        writer.add_rope_dimension_count(model_config.hidden_size // model_config.num_attention_heads)
+        writer.add_rope_freq_base(float(getattr(model_config, "rope_theta", None) or 10000.0))
+        writer.add_layer_norm_rms_eps(model_config.rms_norm_eps)
+        writer.add_vocab_size(model_config.vocab_size)
+        writer.add_file_type(FILE_TYPES[config.gguf_type])
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(processor.bos_id())
+        writer.add_eos_token_id(processor.eos_id())
+        writer.add_unk_token_id(processor.unk_id())
+        writer.add_pad_token_id(processor.unk_id())  # the pad token training used
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        tensors = gguf_tensors(model_config, state)
+        for name, array in tensors.items():
+            data, raw_dtype = _encode(name, array, config.gguf_type)
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
         worst = verify_gguf(staging, tensors, config.gguf_type)
-    except ValueError:
-        staging.unlink(missing_ok=True)
-        raise
-    os.replace(staging, target)
     write(f"wrote {target}: {len(tensors)} tensors ({config.gguf_type}), largest error read back {worst:.3g}")
     return {"tensors": len(tensors), "max_abs_error": worst}
 

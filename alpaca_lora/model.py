@@ -14,11 +14,15 @@ def fast_bf16_available(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         try:
-            flags = Path("/proc/cpuinfo").read_text()
+            flags = _cpu_info()
         except OSError:  # not Linux: no cheap way to tell, so stay with fp32
             return False
         return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
     return False
+
+
+def _cpu_info() -> str:
+    return Path("/proc/cpuinfo").read_text()
 
 
 def _check_base_model(base_model: str) -> None:
@@ -69,7 +73,7 @@ def attention_implementation(device: torch.device, bf16: bool) -> str:
 
     Both keep packed examples apart: SDPA through the block-diagonal causal mask that transformers builds from
     restarting position_ids, flash-attention through its variable-length kernel, which transformers calls when
-    one row holds several examples (train._layout puts a micro-batch in one row for it)."""
+    one row holds several examples (batching.passes puts each pass in one row for it)."""
     from transformers.utils import is_flash_attn_2_available
 
     return "flash_attention_2" if device.type == "cuda" and bf16 and is_flash_attn_2_available() else "sdpa"

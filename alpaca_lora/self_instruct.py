@@ -4,14 +4,11 @@ One request shows the model a few seed tasks (seeded choice) and asks for a numb
 a strict `Instruction / Input / Output` format. Each parsed task passes the filters Stanford's
 generate_instruction.py used (length, blacklisted words, "Write a program" openers, a leading punctuation
 or non-ASCII character) and is kept only if its ROUGE-L F-measure with every instruction kept so far (seeds
-included) is at most 0.7. The ROUGE check makes exactly rouge_score's decisions, but an index of token
-postings bounds each pair's LCS from above first, so the exact LCS runs only on the few pairs that could
-exceed the threshold.
+included) is at most 0.7 (rouge.py makes that check fast).
 """
 
 import asyncio
 import json
-import os
 import random
 import re
 import string
@@ -19,105 +16,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .api import Client, FatalAPIError, make_spend
-from .data import SEED_TASKS, drop_partial_last_line, load_rows, validate_rows
+from .data import SEED_TASKS, load_rows, validate_rows
+from .files import append_jsonl, resume_jsonl, write_text_atomically
+from .rouge import ROUGE_THRESHOLD, RougeIndex
 
-ROUGE_THRESHOLD = 0.7
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
              "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 NO_INPUT = re.compile(r"^\s*(<\s*no\s*input\s*>|no\s*input\.?|noinput|n/?a|none|-|\"\")\s*$", re.IGNORECASE)
 OUTPUT_FILE, STATE_FILE, SUMMARY_FILE = "regen.jsonl", "state.json", "summary.json"
 MAX_BARREN_BATCHES = 20
-
-
-# ---- ROUGE-L, as rouge_score computes it (no stemming), and fast ----
-
-_NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """rouge_score's default tokenizer: lowercase, non-alphanumerics become spaces, split."""
-    return [t for t in _NON_ALPHANUMERIC.sub(" ", text.lower()).split() if t]
-
-
-def lcs_length(a: list, b: list) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(target: list, prediction: list) -> float:
-    """rouge_score's rougeL F-measure, the same arithmetic in the same order."""
-    if not target or not prediction:
-        return 0.0
-    lcs = lcs_length(target, prediction)
-    precision, recall = lcs / len(prediction), lcs / len(target)
-    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-
-
-class RougeIndex:
-    """Kept instructions, and the question: is a candidate's ROUGE-L with any of them above the threshold?
-
-    F = 2 LCS / (m + n) > 0.7 needs LCS > 0.35 (m + n). LCS is at most min(m, n), and at most the number of the
-    candidate's tokens that occur in the other instruction, which the postings give for all instructions at
-    once (one bincount). Pairs that fail either bound cannot exceed the threshold; the exact LCS decides the rest.
-    """
-
-    def __init__(self):
-        self.tokens: list[list[str]] = []
-        self.lengths = np.zeros(0, dtype=np.int64)
-        self.postings: dict[str, list[int]] = {}
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def add(self, instruction: str) -> None:
-        tokens = rouge_tokens(instruction)
-        index = len(self.tokens)
-        self.tokens.append(tokens)
-        self.lengths = np.append(self.lengths, len(tokens))
-        for token in set(tokens):
-            self.postings.setdefault(token, []).append(index)
-            self._arrays.pop(token, None)
-
-    def _posting(self, token: str) -> np.ndarray:
-        array = self._arrays.get(token)
-        if array is None:
-            array = self._arrays[token] = np.asarray(self.postings.get(token, ()), dtype=np.int64)
-        return array
-
-    def most_similar(self, instruction: str) -> tuple[float, int | None]:
-        """The largest ROUGE-L over the pairs that could exceed the threshold (0.0 if none can), and which one."""
-        candidate = rouge_tokens(instruction)
-        if not candidate or not self.tokens:
-            return 0.0, None
-        counts = {}
-        for token in candidate:
-            counts[token] = counts.get(token, 0) + 1
-        postings = [(self._posting(token), count) for token, count in counts.items()]
-        postings = [(p, c) for p, c in postings if len(p)]
-        if not postings:
-            return 0.0, None
-        # an upper bound on each instruction's LCS with the candidate: the candidate's tokens it contains
-        shared = np.bincount(np.concatenate([p for p, _ in postings]),
-                             weights=np.concatenate([np.full(len(p), c, dtype=np.float64) for p, c in postings]),
-                             minlength=len(self.tokens))
-        m, n = len(candidate), self.lengths
-        needed = ROUGE_THRESHOLD / 2 * (m + n) - 1e-9
-        possible = np.nonzero((shared >= needed) & (np.minimum(m, n) >= needed))[0]
-        best, best_index = 0.0, None
-        for j in possible:
-            score = rouge_l(candidate, self.tokens[j])
-            if score > best:
-                best, best_index = score, int(j)
-        return best, best_index
 
 
 # ---- the prompt and its answers ----
@@ -315,7 +223,7 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
                         index.add(task["instruction"])
                         accepted.append(task)
                 barren_batches = 0 if accepted else barren_batches + 1
-                _append_rows(rows_path, accepted)
+                append_jsonl(rows_path, accepted)  # a kill loses at most the batch in flight
                 kept = kept + accepted
                 _write_state(state_path, spend, rejected)
                 bar.update(len(accepted))
@@ -332,9 +240,9 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
     summary = {"kept": len(kept), "target": config.num_instructions, "stopped": stop_reason,
                "rejected": rejected, "retries": client.retries, "spend": spend.to_dict(),
                "seconds": time.time() - started, "arguments": asdict(config)}
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    write_text_atomically(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
     if config.export:
-        Path(config.export).expanduser().write_text(json.dumps(kept, indent=1, ensure_ascii=False))
+        write_text_atomically(Path(config.export).expanduser(), json.dumps(kept, indent=1, ensure_ascii=False))
     write(f"kept {len(kept)} of {config.num_instructions} rows ({stop_reason}); {spend.requests} requests, "
           f"{spend.usd if spend.usd is not None else 'unknown'} USD; {output_dir / OUTPUT_FILE}")
     return summary
@@ -345,35 +253,18 @@ def _count(counter: dict, reason: str, n: int = 1) -> None:
 
 
 def _read_kept(path: Path) -> list[dict]:
-    """Rows kept by earlier runs; a line cut by a kill is dropped from the file (its row is generated anew)."""
-    if not path.is_file():
-        return []
-    drop_partial_last_line(path)
+    """Rows kept by earlier runs (a line cut by a kill is dropped: its row is generated anew), first copy of each."""
     rows, seen = [], set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in resume_jsonl(path):
         if row["instruction"] not in seen:
             seen.add(row["instruction"])
             rows.append(row)
     return rows
 
 
-def _append_rows(path: Path, rows: list[dict]) -> None:
-    """One write per batch, then fsync: a kill loses at most the batch in flight, never half a file."""
-    if not rows:
-        return
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    with open(path, "ab") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-
-
 def _write_state(path: Path, spend, rejected: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"requests": spend.requests, "input_tokens": spend.input_tokens,
-                                     "output_tokens": spend.output_tokens, "rejected": rejected}))
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps({"requests": spend.requests, "input_tokens": spend.input_tokens,
+                                            "output_tokens": spend.output_tokens, "rejected": rejected}))
 
 
 # ---- clean: what AlpacaDataCleaned learned ----
@@ -428,9 +319,6 @@ def clean_rows(rows: list[dict]) -> tuple[list[dict], dict]:
 def clean_file(input_path: str, output_path: str, write=print) -> dict:
     rows, _ = validate_rows(load_rows(input_path), skip_bad_rows=False)
     cleaned, counts = clean_rows(rows)
-    target = Path(output_path).expanduser()
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(json.dumps(cleaned, indent=1, ensure_ascii=False))
-    os.replace(temporary, target)
+    write_text_atomically(Path(output_path).expanduser(), json.dumps(cleaned, indent=1, ensure_ascii=False))
     write(f"{len(rows)} rows in, {len(cleaned)} out: " + "; ".join(f"{k} {v}" for k, v in counts.items()))
     return {"rows_in": len(rows), "rows_out": len(cleaned), "rules": counts}

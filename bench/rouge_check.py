@@ -51,7 +51,7 @@ def candidates(count: int) -> list[str]:
 
 
 def run_index(texts: list[str]):
-    from alpaca_lora.self_instruct import ROUGE_THRESHOLD, RougeIndex
+    from alpaca_lora.rouge import ROUGE_THRESHOLD, RougeIndex
 
     index, decisions = RougeIndex(), []
     started = time.perf_counter()

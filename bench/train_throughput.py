@@ -79,7 +79,9 @@ def worker(args) -> None:
     import peft  # noqa: F401  (imported before the baseline reading, as train() would import it)
     import transformers  # noqa: F401
 
-    from alpaca_lora.train import TrainConfig, padded_loss, response_only_loss, train
+    from alpaca_lora.config import TrainConfig
+    from alpaca_lora.loss import padded_loss, response_only_loss
+    from alpaca_lora.train import train
 
     libraries_rss = _memory_mb("VmRSS")  # interpreter + torch + transformers
     # the peak from here on; getrusage's peak will not do: it survives fork and exec, so a worker's would start
@@ -99,7 +101,7 @@ def worker(args) -> None:
     result = train(config, loss_sum=response_only_loss if args.path == "ours" else padded_loss)
     timed = result.history[1:]  # the first step pays for allocation and kernel selection
     seconds = sum(r["seconds"] for r in timed)
-    memory = result.summary["gpu_memory_mb"]
+    memory = result.summary.gpu_memory_mb
     gpu = {"gpu_after_loading_mb": memory["after_loading"], "gpu_peak_loading_mb": memory["peak_while_loading"],
            "gpu_peak_allocated_mb": max(memory["peak_while_loading"], memory["peak_while_training"]),
            "gpu_peak_training_mb": memory["peak_while_training"],
@@ -110,8 +112,8 @@ def worker(args) -> None:
         "seconds_per_step": seconds / len(timed),
         "peak_rss_mb": _memory_mb("VmHWM"),
         "peak_above_libraries_mb": _memory_mb("VmHWM") - libraries_rss,
-        "padding_fraction": result.summary["padding_fraction"],
-        "eval_loss": result.summary["final_validation_loss"],
+        "padding_fraction": result.summary.padding_fraction,
+        "eval_loss": result.summary.final_validation_loss,
         "train_losses": [r["loss"] for r in result.history],
     }))
 

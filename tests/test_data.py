@@ -5,8 +5,8 @@ import pytest
 from conftest import ALPACA_CLEANED, ALPACA_ORIGINAL, REPO, needs_shared
 
 from alpaca_lora import data as data_module
-from alpaca_lora.data import (IGNORE_INDEX, load_rows, pad_collate, plan_micro_batches, split_rows, tokenize_rows,
-                              tokenize_rows_cached, validate_rows)
+from alpaca_lora.data import (IGNORE_INDEX, load_rows, split_rows, tokenize_rows, tokenize_rows_cached,
+                              validate_rows)
 from alpaca_lora.model import load_tokenizer
 from alpaca_lora.templates import load_template
 
@@ -145,36 +145,6 @@ def test_trained_tokens_decode_to_exactly_the_response_and_eos(llama_tokenizer, 
         assert llama_tokenizer.decode(trained) == row["output"] + "</s>"
         assert example.input_ids[0] == llama_tokenizer.bos_token_id == 1
         assert trained[-1] == llama_tokenizer.eos_token_id == 2
-
-
-def test_micro_batch_plan_covers_every_example_once_per_epoch():
-    lengths = [5, 60, 7, 33, 12, 90, 2, 41, 18, 75, 3]
-    plan = plan_micro_batches(lengths, 3, seed=0, epoch=0, group_by_length=False, steps_group=1)
-    assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
-    assert plan == plan_micro_batches(lengths, 3, seed=0, epoch=0, group_by_length=False, steps_group=1)
-    assert plan != plan_micro_batches(lengths, 3, seed=0, epoch=1, group_by_length=False, steps_group=1)
-    grouped = plan_micro_batches(lengths, 3, seed=0, epoch=0, group_by_length=True, steps_group=1)
-    assert sorted(i for mb in grouped for i in mb) == list(range(len(lengths)))
-
-    def padded_tokens(p):
-        return sum(len(mb) * max(lengths[i] for i in mb) for mb in p)
-    assert padded_tokens(grouped) < padded_tokens(plan)
-
-
-def test_pad_collate_pads_right_to_a_multiple_of_8(tiny_base):
-    tokenizer = load_tokenizer(str(tiny_base))
-    rows = [{"instruction": "Hi.", "input": "", "output": "Hello."},
-            {"instruction": "Count to three.", "input": "", "output": "One, two, three."}]
-    examples = tokenize_rows(rows, tokenizer, load_template("alpaca_short"), 256, False).examples
-    batch = pad_collate(examples, tokenizer.pad_token_id)
-    width = max(len(e.input_ids) for e in examples)
-    assert batch["input_ids"].shape == (2, -(-width // 8) * 8)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        assert batch["input_ids"][row, :n].tolist() == example.input_ids.tolist()
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-        assert set(batch["input_ids"][row, n:].tolist()) <= {tokenizer.pad_token_id}
-        assert set(batch["targets"][row, n:].tolist()) <= {IGNORE_INDEX}
 
 
 def test_tokenized_data_is_cached_under_everything_that_decides_it(tiny_base, alpaca_rows, tmp_path, monkeypatch):

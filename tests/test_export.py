@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -6,9 +7,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alpaca_lora.export import ExportConfig, PROBE, export, meta_to_hf_rotary
+from alpaca_lora.export import ExportConfig, PROBE, export
 from alpaca_lora.gguf_export import gguf_tensors, read_gguf_tensors
 from alpaca_lora.generate import Generator, Sampling
+from alpaca_lora.llama_layout import meta_to_hf_rotary
 
 
 def quiet(*args, **kwargs):
@@ -29,11 +31,15 @@ def merged_reference(tiny_base, tiny_adapter):
 
 def test_merged_hf_checkpoint_reloads_as_base_plus_adapter(tiny_adapter, merged_reference, tmp_path):
     out = tmp_path / "hf"
-    report = export(ExportConfig(lora_weights=str(tiny_adapter), output_dir=str(out), dtype="float32"), write=quiet)
+    adapter = tmp_path / "adapter"  # without its model card: the export's card comes from training_summary.json
+    shutil.copytree(tiny_adapter, adapter, ignore=shutil.ignore_patterns("README.md"))
+    report = export(ExportConfig(lora_weights=str(adapter), output_dir=str(out), dtype="float32"), write=quiet)
     assert report["hf"]["max_abs_difference"] <= 1e-4 < report["hf"]["difference_from_base"]
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
     assert any(n.endswith(".safetensors") for n in names)
+    card = (out / "README.md").read_text()
+    assert "| `lora_r` | `8` |" in card and '"train_rows": 48' in card and "`alpaca` template" in card
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         logits = reloaded(input_ids=merged_reference["ids"]).logits[0]
@@ -163,7 +169,8 @@ def test_meta_checkpoint_is_the_merged_weights_relaid(tiny_base, tiny_adapter, m
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_quantized_adapter_merges_either_way_and_reports_the_trade_off(tiny_base, alpaca_file, tmp_path, quantization):
-    from alpaca_lora.train import TrainConfig, train
+    from alpaca_lora.config import TrainConfig
+    from alpaca_lora.train import train
 
     adapter = tmp_path / "adapter"
     train(TrainConfig(base_model=str(tiny_base), data_path=str(alpaca_file), output_dir=str(adapter), batch_size=8,

@@ -4,7 +4,9 @@ import os
 import pytest
 from conftest import REPO, run_script
 
-from alpaca_lora.generate import Generator, Sampling, answer_file, describe_adapter
+from alpaca_lora.adapter_folder import describe_adapter
+from alpaca_lora.generate import Generator, Sampling
+from alpaca_lora.generate_cli import answer_file
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
 
@@ -15,7 +17,9 @@ def generator(tiny_adapter):
 
 
 def test_the_adapter_folder_is_enough(tiny_adapter, tiny_base, generator):
-    assert describe_adapter(str(tiny_adapter)) == {"base_model": str(tiny_base), "prompt_template": "alpaca"}
+    adapter = describe_adapter(str(tiny_adapter))
+    assert (adapter.base_model, adapter.prompt_template) == (str(tiny_base), "alpaca")
+    assert adapter.summary.steps == 2 and adapter.summary.data.rows == 48
     assert generator.template.name == "alpaca"
     assert type(generator.model).__name__ == "PeftModelForCausalLM"
 
@@ -115,7 +119,7 @@ def test_bad_input_file_is_one_line(tiny_adapter, tmp_path):
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(generator, monkeypatch):
-    from alpaca_lora import generate as generate_module
+    from alpaca_lora import generate_cli
 
     seen_stop = []
 
@@ -126,7 +130,7 @@ def test_ctrl_c_stops_the_answer_not_the_session(generator, monkeypatch):
     monkeypatch.setattr(generator, "stream", interrupted_stream)
     lines = iter(["Tell a long story.", "", "exit"])
     written = []
-    generate_module.interactive(generator, GREEDY, None, read=lambda prompt: next(lines),
+    generate_cli.interactive(generator, GREEDY, None, read=lambda prompt: next(lines),
                                 write=lambda text="", end="\n", flush=False: written.append(text + end))
     assert "".join(written).endswith("Once [stopped]\n")
     assert seen_stop[0].is_set()  # the generation thread is told to stop

@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from alpaca_lora.data import IGNORE_INDEX, pack_rows, packed_collate, pad_collate, tokenize_rows
+from conftest import DEVICES, losses, tiny_config
+
+from alpaca_lora.batching import packed_collate, pad_collate
+from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
+from alpaca_lora.loss import HeadCrossEntropy, head_chunk_rows, padded_loss, response_only_loss
 from alpaca_lora.model import attach_lora, attention_implementation, load_model, load_tokenizer
 from alpaca_lora.templates import load_template
-from alpaca_lora.train import HeadCrossEntropy, head_chunk_rows, padded_loss, response_only_loss
-
-from conftest import DEVICES
-from test_train import losses, tiny_config
 from alpaca_lora.train import train
 
 
@@ -90,7 +90,7 @@ def test_packed_rows_have_segment_positions_and_no_mask(examples):
 def test_response_only_logits_give_the_standard_loss_and_gradients(tiny_base, examples, layout, head, device,
                                                                    monkeypatch):
     """The frozen head goes through HeadCrossEntropy; a head with LoRA on it through autograd, chunk by chunk."""
-    monkeypatch.setattr("alpaca_lora.train.LOGIT_CHUNK", 64)  # several chunks even on these short examples
+    monkeypatch.setattr("alpaca_lora.loss.LOGIT_CHUNK", 64)  # several chunks even on these short examples
     adapted = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     model = _lora_model(tiny_base, device, "all-linear" if head == "frozen" else adapted)
     standard_loss, standard_grads = _loss_and_grads(model, padded_loss, pad_collate(examples, 0))
@@ -141,14 +141,7 @@ def test_lm_head_matmuls_see_a_few_shapes_whatever_the_target_count():
     assert rows_seen <= set(range(16, 257, 16)) and len(recorder.shapes) <= 2 * 16  # forward and gradient matmuls
 
 
-def test_pack_rows_keeps_to_the_row_length_and_places_every_example_once():
-    lengths = [120, 30, 250, 75, 60, 200, 10, 90, 256, 5]
-    bins = pack_rows(list(range(10)), lengths, 256)
-    assert sorted(i for b in bins for i in b) == list(range(10))
-    assert all(sum(lengths[i] for i in b) <= 256 for b in bins)
-    assert len(bins) == 5  # 1096 tokens: 5 bins of 256 is the least possible
-
-
+@pytest.mark.slow
 def test_packed_and_padded_training_log_the_same_losses(tiny_base, alpaca_file, tmp_path):
     packed = train(tiny_config(tiny_base, alpaca_file, tmp_path / "packed", packing=True, lora_dropout=0.0,
                                num_epochs=2, eval_steps=5))
@@ -187,6 +180,7 @@ def _varlen_reference_attention(module, query, key, value, attention_mask, scali
     return output.transpose(1, 2).contiguous(), None
 
 
+@pytest.mark.slow
 def test_a_varlen_attention_kernel_gets_one_row_per_micro_batch_and_the_same_losses(tiny_base, alpaca_file, tmp_path,
                                                                                   monkeypatch):
     """With flash-attention (stood in for on a CPU by the reference above, registered as transformers registers
@@ -203,7 +197,7 @@ def test_a_varlen_attention_kernel_gets_one_row_per_micro_batch_and_the_same_los
     monkeypatch.setattr("alpaca_lora.train.attention_implementation", lambda device, bf16: "varlen_reference")
     monkeypatch.setattr("alpaca_lora.train.VARLEN_ATTENTION", ("varlen_reference",))
     varlen = train(tiny_config(tiny_base, alpaca_file, tmp_path / "varlen", packing=True, **settings))
-    assert varlen.summary["attention"] == "varlen_reference"
+    assert varlen.summary.attention == "varlen_reference"
     assert max(_varlen_reference_attention.segments) > 4  # more examples in one row than a micro-batch has rows
     assert losses(varlen.history) == pytest.approx(losses(padded.history), rel=1e-5)
     assert varlen.history[-1]["val_loss"] == pytest.approx(padded.history[-1]["val_loss"], rel=1e-5)

@@ -1,16 +1,11 @@
-"""self_instruct.py against a fake OpenAI-compatible server on 127.0.0.1, and its ROUGE check against rouge_score."""
+"""self_instruct.py against a fake OpenAI-compatible server on 127.0.0.1 (conftest.FakeAPI)."""
 
 import json
-import random
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ALPACA_CLEANED, ALPACA_ORIGINAL, REPO, needs_shared, run_script
+from conftest import REPO, ok, run_script
 
-from alpaca_lora.self_instruct import (RougeIndex, SelfInstructConfig, build_prompt, clean_rows, parse_tasks,
-                                       regenerate, rejection, rouge_l, rouge_tokens)
+from alpaca_lora.self_instruct import SelfInstructConfig, build_prompt, clean_rows, parse_tasks, regenerate, rejection
 
 WELL_FORMED = """ Summarize the story of a novel you like in three sentences.
 4. Input:
@@ -58,65 +53,6 @@ Cleaning ovens, deodorising fridges, and softening water.
 Sunlight enters raindrops and"""
 
 
-class FakeAPI:
-    """Answers POST /v1/chat/completions from a script of (status, body or text, headers, delay) entries;
-    the last entry repeats."""
-
-    def __init__(self, script):
-        self.script, self.calls, self.lock = list(script), [], threading.Lock()
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with api.lock:
-                    api.calls.append({"body": body, "authorization": self.headers.get("Authorization")})
-                    entry = api.script.pop(0) if len(api.script) > 1 else api.script[0]
-                status, content, headers, delay = entry
-                time.sleep(delay)
-                if status == 200:
-                    text, finish = content if isinstance(content, tuple) else (content, "stop")
-                    content = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                            "finish_reason": finish}],
-                               "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}}
-                data = json.dumps(content).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def ok(content):
-    return (200, content, {}, 0)
-
-
-@pytest.fixture
-def fake_api(request):
-    servers = []
-
-    def start(script):
-        servers.append(FakeAPI(script))
-        return servers[-1]
-    yield start
-    for server in servers:
-        server.close()
-
-
 def config(tmp_path, api, **overrides):
     settings = dict(output_dir=str(tmp_path / "regen"), num_instructions=5, model="gpt-4o-mini", base_url=api.url,
                     request_batch_size=2, seed=0, request_timeout=2.0, max_retries=3)
@@ -160,53 +96,6 @@ def test_parser_takes_the_format_and_its_usual_variations():
     ("Profile the typical customer of a bakery.", None)])
 def test_stanford_filters(instruction, reason):
     assert rejection({"instruction": instruction, "input": "", "output": "x"}) == reason
-
-
-def _instruction_pairs(limit):
-    rows = json.loads(ALPACA_CLEANED.read_text()) + json.loads(ALPACA_ORIGINAL.read_text())
-    instructions = [r["instruction"] for r in rows]
-    rng = random.Random(0)
-    pairs = [(rng.choice(instructions), rng.choice(instructions)) for _ in range(limit)]
-    # near-duplicates too, so that decisions on both sides of 0.7 are tested
-    for text in instructions[:limit // 4]:
-        words = text.split()
-        if len(words) > 4:
-            mutated = list(words)
-            mutated[rng.randrange(len(words))] = rng.choice(["the", "a", "new", "this"])
-            pairs.append((text, " ".join(mutated)))
-    return instructions, pairs
-
-
-@needs_shared(ALPACA_CLEANED)
-def test_rouge_l_equals_rouge_score_on_real_instruction_pairs():
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    _, pairs = _instruction_pairs(3000)
-    above = 0
-    for target, prediction in pairs:
-        expected = scorer.score(target, prediction)["rougeL"].fmeasure
-        assert rouge_l(rouge_tokens(target), rouge_tokens(prediction)) == expected
-        above += expected > 0.7
-    assert above > 100  # both sides of the threshold are exercised
-
-
-@needs_shared(ALPACA_CLEANED)
-def test_the_index_makes_exactly_the_decisions_of_the_full_loop():
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    instructions, pairs = _instruction_pairs(400)
-    index, kept_so_far = RougeIndex(), []
-    candidates = instructions[:600] + [b for _, b in pairs[-300:]]
-    for candidate in candidates:
-        expected = any(scorer.score(candidate, old)["rougeL"].fmeasure > 0.7 for old in kept_so_far)
-        score, _ = index.most_similar(candidate)
-        assert (score > 0.7) == expected, candidate
-        if not expected:
-            index.add(candidate)
-            kept_so_far.append(candidate)
-    assert 0 < len(kept_so_far) < len(candidates)
 
 
 def test_a_run_keeps_filtered_rows_and_writes_its_summary(fake_api, tmp_path, monkeypatch):

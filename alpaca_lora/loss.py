@@ -1,0 +1,117 @@
+"""Loss: the summed cross-entropy of a pass's target tokens, the LM head computed only where a target exists.
+
+A loss function takes (model, batch) and returns the sum of the token losses over the batch's targets; the
+training step divides by the global count of target tokens. `response_only_loss` is the default;
+`padded_loss` is the standard computation (full logits everywhere) that it must equal and the benchmark
+compares against.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE_INDEX
+
+LOGIT_CHUNK = 256  # most positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
+CHUNK_ROWS_STEP = 16
+
+
+def head_chunk_rows(count: int) -> int:
+    """Rows per LM-head chunk for `count` target positions: equal chunks of at most LOGIT_CHUNK rows, rounded up
+    to a multiple of 16; the last chunk is filled up with zero rows that carry no loss.
+
+    The head's matmuls thus see one of 16 shapes however many targets a pass has. On a CPU every new
+    matmul shape makes oneDNN build and cache a kernel with its own buffers (about 1.5 MB for this head), so
+    shapes that followed the target count grew memory step after step; the fill costs under 16 rows a chunk.
+    """
+    chunks = max(1, math.ceil(count / LOGIT_CHUNK))
+    return max(CHUNK_ROWS_STEP, math.ceil(count / chunks / CHUNK_ROWS_STEP) * CHUNK_ROWS_STEP)
+
+
+def padded_loss(model, batch: dict) -> torch.Tensor:
+    """The standard computation: full-vocabulary logits at every position, cross-entropy where targets exist."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    # [rows, width, vocab] -> one row per position; fp32 for a stable log-softmax under bf16 autocast
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def response_only_loss(model, batch: dict) -> torch.Tensor:
+    """The LM head and cross-entropy only where a target exists (the response, unless train_on_inputs).
+
+    The decoder runs on every token (the prompt is context), but the [tokens x vocab] logits, the
+    largest tensor of a step with a 32K vocabulary, are made only for target positions, a chunk at a
+    time, and never kept for backward (see HeadCrossEntropy). Same loss and gradients as padded_loss.
+    """
+    causal_lm = model.get_base_model()  # peft wrapper -> e.g. LlamaForCausalLM
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    has_target = batch["targets"] != IGNORE_INDEX
+    hidden, targets = hidden[has_target], batch["targets"][has_target]  # [targets, hidden], [targets]
+    head = causal_lm.get_output_embeddings()
+    if type(head) is torch.nn.Linear and not head.weight.requires_grad and head.bias is None:
+        return HeadCrossEntropy.apply(hidden, head.weight, targets)
+    # a trainable or adapted head (e.g. LoRA on lm_head): the same chunks through autograd, recomputed in backward
+    rows = head_chunk_rows(len(targets))
+    fill = -len(targets) % rows  # zero rows with no target, so that every chunk has the same shape
+    hidden, targets = F.pad(hidden, (0, 0, 0, fill)), F.pad(targets, (0, fill), value=IGNORE_INDEX)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), rows):
+        chunk = slice(start, start + rows)
+        total = total + checkpoint(
+            lambda h, t: F.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum"),
+            hidden[chunk], targets[chunk], use_reentrant=False)
+    return total
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) for a frozen head, chunk by chunk.
+
+    Forward computes each chunk's logits, its loss, and at once its gradient with respect to `hidden`
+    (softmax - one_hot) @ weight, then drops the logits: backward only scales the saved [targets, hidden]
+    gradient. That is the forward matmul plus one gradient matmul per target, the minimum, and no
+    [targets x vocab] tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        # under autocast the matmuls run in the autocast dtype, like the nn.Linear they replace
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        weight_c = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=dtype)
+        count, rows = len(targets), head_chunk_rows(len(targets))
+        for start in range(0, count, rows):
+            real = min(rows, count - start)  # the last chunk is filled up to `rows` with zero rows
+            chunk_hidden = F.pad(hidden[start:start + real].to(dtype), (0, 0, 0, rows - real))
+            chunk_targets = targets[start:start + real]
+            log_probabilities = torch.log_softmax(chunk_hidden @ weight_c.T, dim=-1, dtype=torch.float32)
+            total -= log_probabilities[:real].gather(1, chunk_targets[:, None]).sum()  # [rows, vocab] -> the loss
+            if not ctx.needs_input_grad[0]:  # evaluation: the loss is all that is wanted
+                continue
+            probabilities = log_probabilities.exp_()  # in place: d loss / d logits = softmax - one_hot
+            probabilities[torch.arange(real, device=hidden.device), chunk_targets] -= 1
+            probabilities[real:] = 0  # the fill rows have no loss
+            grad_hidden[start:start + real] = (probabilities.to(dtype) @ weight_c)[:real]
+        ctx.save_for_backward(grad_hidden)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None
+
+
+class LossModule(torch.nn.Module):
+    """model + loss as one module, so DDP wraps the whole forward (its gradient hooks need the forward to run
+    through it, and response_only_loss calls the decoder and head itself)."""
+
+    def __init__(self, model, loss_sum):
+        super().__init__()
+        self.model, self.loss_sum = model, loss_sum
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_sum(self.model, batch)

@@ -1,0 +1,39 @@
+"""config.py: every flag with its default and help, and one validation naming the flag, the value and a fix."""
+
+import os
+from dataclasses import fields
+
+import pytest
+from conftest import REPO, run_script
+
+from alpaca_lora.config import TrainConfig
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = run_script(REPO / "finetune.py", "--help", env={**os.environ, "PAGER": "cat"})
+    assert result.returncode == 0
+    text = result.stdout + result.stderr  # fire writes help to stderr when it has no pager
+    for field in fields(TrainConfig):
+        assert f"--{field.name}=" in text, field.name
+    assert "Default: 'yahma/alpaca-cleaned'" in text and "Default: 128" in text and "Default: 0.0003" in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(base_model=""), "--base_model is required"),
+    (dict(batch_size=10, micro_batch_size=4), "--batch_size 10 is not divisible by --micro_batch_size 4"),
+    (dict(prompt_template_name="vicuna"), "--prompt_template_name 'vicuna': no such template"),
+    (dict(learning_rate="fast"), "--learning_rate 'fast': must be a number"),
+    (dict(micro_batch_size=0), "--micro_batch_size 0: must be a whole number >= 1"),
+    (dict(load_8bit=True, load_4bit=True), "--load_8bit and --load_4bit: choose one"),
+    (dict(lora_target_modules=[]), "--lora_target_modules"),
+    (dict(wandb_watch="everything"), "--wandb_watch 'everything'"),
+])
+def test_bad_flags_name_the_flag(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**{"base_model": "m", **overrides}).validated()
+
+
+def test_target_module_spellings():
+    for spelling in ("[q_proj,v_proj]", "q_proj,v_proj", ["q_proj", "v_proj"], ("q_proj", "v_proj")):
+        assert TrainConfig(base_model="m", lora_target_modules=spelling).validated().lora_target_modules == ["q_proj", "v_proj"]
+    assert TrainConfig(base_model="m", lora_target_modules="all-linear").validated().lora_target_modules == "all-linear"
