@@ -1,6 +1,5 @@
 """Benchmark helpers: LLaMA-shaped models with random weights, for measuring speed without a download."""
 
-import shutil
 from pathlib import Path
 
 
@@ -12,26 +11,25 @@ def random_llama(folder: Path, shape: dict, tokenizer_model: Path | None, dtype:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .demo import DemoConfig, build_demo_model, save_llama_tokenizer
+    from .files import staged
 
     if (folder / "config.json").exists():
         return folder
-    final, folder = folder, folder.with_name(folder.name + ".partial")  # renamed into place once complete
-    shutil.rmtree(folder, ignore_errors=True)
-    if tokenizer_model is not None and tokenizer_model.exists():
-        tokenizer = save_llama_tokenizer(folder, tokenizer_model.read_bytes())
-    else:
-        if tokenizer_model is not None:
-            print(f"note: {tokenizer_model} is absent; using the demo tokenizer (vocabulary far below 32,000)")
-        build_demo_model(DemoConfig(output_dir=str(folder), pretrain_steps=0))
-        from transformers import AutoTokenizer
+    with staged(folder) as staging:  # a half-built model is never taken for a finished one
+        if tokenizer_model is not None and tokenizer_model.exists():
+            tokenizer = save_llama_tokenizer(staging, tokenizer_model.read_bytes())
+        else:
+            if tokenizer_model is not None:
+                print(f"note: {tokenizer_model} is absent; using the demo tokenizer (vocabulary far below 32,000)")
+            build_demo_model(DemoConfig(output_dir=str(staging), pretrain_steps=0))
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=shape["num_attention_heads"],
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **shape)
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(folder, max_shard_size="5GB")
-    folder.rename(final)
-    return final
+            tokenizer = AutoTokenizer.from_pretrained(staging)
+        config = LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=shape["num_attention_heads"],
+                             max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **shape)
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+        model.save_pretrained(staging, max_shard_size="5GB")
+    return folder

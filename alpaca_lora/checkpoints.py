@@ -58,6 +58,9 @@ def load_checkpoint(folder: Path, model, accelerator, arguments: dict, data_sha2
         raise ValueError(f"--resume_from_checkpoint {folder}: the run was started with other settings: "
                          f"{', '.join(changed)}; resume with the same flags")
     rng_file = folder / f"random_states_{accelerator.process_index}.pkl"
+    if (folder / "optimizer.pt").is_file():
+        raise ValueError(f"--resume_from_checkpoint {folder}: written by an earlier alpaca-lora (optimizer.pt, "
+                         "rng_state_N.pt), whose checkpoints this version does not read; resume with that version")
     if not rng_file.is_file():  # accelerate would carry on without it, and the run would not be the same
         raise ValueError(f"--resume_from_checkpoint {folder}: no {rng_file.name}; resume with as many processes "
                          "as saved it")

@@ -81,6 +81,9 @@ def test_resuming_needs_every_process_s_rng_and_the_same_data(run, tmp_path):
     (folder / "random_states_0.pkl").unlink()  # saved by a run with another number of processes
     with pytest.raises(ValueError, match="no random_states_0.pkl; resume with as many processes as saved it"):
         load_checkpoint(folder, model, accelerator, ARGUMENTS, "sha")
+    (folder / "optimizer.bin").rename(folder / "optimizer.pt")  # the layout of checkpoints before accelerate's
+    with pytest.raises(ValueError, match="written by an earlier alpaca-lora"):
+        load_checkpoint(folder, model, accelerator, ARGUMENTS, "sha")
 
 
 def test_only_the_newest_checkpoints_are_kept_by_step_not_by_name(run, tmp_path):
