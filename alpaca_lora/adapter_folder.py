@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from .files import write_text_atomically
 SUMMARY_FILE = "training_summary.json"
 VALIDATION_FILE = "validation_rows.json"
 MODEL_CARD_FILE = "README.md"
+FINISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", SUMMARY_FILE, MODEL_CARD_FILE, VALIDATION_FILE)
+LOCK_FILE = ".alpaca-lora.lock"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints.py writes them; a run that is not continuing them replaces them
 PUBLISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", MODEL_CARD_FILE, SUMMARY_FILE)  # W&B artifact
 
 
@@ -38,6 +42,7 @@ class DataSummary:
     truncated_examples: int  # cut at cutoff_len: no EOS learned for them
     examples_without_targets: int  # dropped: the prompt alone filled cutoff_len
     validation_file: str | None
+    duplicate_rows: int = 0  # rows repeating an earlier one exactly (kept on one side of the split)
 
 
 @dataclass
@@ -70,9 +75,23 @@ class TrainingSummary:
 
 @dataclass(frozen=True)
 class AdapterDescription:
+    folder: Path
     base_model: str
     prompt_template: str | None  # the template's name; None for an adapter made elsewhere
     summary: TrainingSummary | None  # None for an adapter made elsewhere (peft's files only)
+
+    def base_model_or(self, base_model: str) -> str:
+        """--base_model if given, else the base this adapter names, which must still be where it was."""
+        if base_model:
+            return base_model
+        named = self.base_model
+        source = SUMMARY_FILE if self.summary else "adapter_config.json"
+        if not named:
+            raise ValueError(f"--lora_weights {self.folder}: its {source} names no base model; pass --base_model")
+        if named.startswith(("/", ".", "~")) and not Path(named).expanduser().exists():
+            raise ValueError(f"--lora_weights {self.folder}: its {source} names the base model {named}, which is not "
+                             "there any more; pass --base_model with where it is now")
+        return named
 
 
 def describe_adapter(lora_weights: str) -> AdapterDescription:
@@ -81,15 +100,34 @@ def describe_adapter(lora_weights: str) -> AdapterDescription:
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"--lora_weights {lora_weights}: no adapter_config.json there; pass a folder finetune.py wrote")
     peft_config = _read_json(folder / "adapter_config.json", "--lora_weights")
+    check_adapter_weights(folder, "--lora_weights")
     summary_file = folder / SUMMARY_FILE
     if not summary_file.is_file():
-        return AdapterDescription(peft_config.get("base_model_name_or_path") or "", None, None)
+        return AdapterDescription(folder, peft_config.get("base_model_name_or_path") or "", None, None)
     try:
         summary = TrainingSummary.from_dict(_read_json(summary_file, "--lora_weights"))
     except (TypeError, KeyError):
         raise ValueError(f"--lora_weights {lora_weights}: {SUMMARY_FILE} is not a training summary this version "
                          "reads; retrain, or remove the file and pass --base_model and --prompt_template") from None
-    return AdapterDescription(summary.base_model, summary.prompt_template["name"], summary)
+    return AdapterDescription(folder, summary.base_model, summary.prompt_template["name"], summary)
+
+
+def check_adapter_weights(folder: Path, flag: str) -> None:
+    """Read every tensor of adapter_model.safetensors once, so that a truncated or damaged file is one error
+    naming it, not a traceback from deep inside peft (an adapter is megabytes: this costs little)."""
+    from safetensors import safe_open
+
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{flag} {folder}: no adapter_model.safetensors there; the folder is not a finished adapter")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                weights.get_tensor(name)
+    except Exception as error:  # safetensors raises its own SafetensorError, and OSError for an unreadable file
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{flag} {folder}: adapter_model.safetensors is damaged or cut short ({reason}); "
+                         "copy it again or retrain") from None
 
 
 def _read_json(path: Path, flag: str) -> dict:
@@ -97,6 +135,46 @@ def _read_json(path: Path, flag: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{flag} {path.parent}: {path.name} cannot be read ({error}); the folder is damaged") from None
+
+
+def claim_output_dir(output_dir: str, overwrite: bool, resume_checkpoint: Path | None):
+    """Create output_dir, prove it writable, and lock it for this run: a second run into the same folder is
+    refused while this one lives (the lock goes with the process, however it ends). A folder that holds a
+    finished adapter, or checkpoints of a run this one does not continue, is refused unless `overwrite`; with it
+    they are removed first, so that a run killed before it finishes never leaves the old adapter looking like
+    its own. Returns the folder and the lock, held until it is closed."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = open(path / LOCK_FILE, "a")
+    except OSError as error:
+        raise ValueError(f"--output_dir {output_dir}: not writable ({error.strerror or error}); "
+                         "choose a folder you can write to") from None
+    try:
+        import fcntl  # POSIX; elsewhere runs are not kept apart
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"--output_dir {output_dir}: another run is writing to it now; wait for it to end or "
+                         "choose another folder") from None
+    except ImportError:
+        pass
+    continuing = resume_checkpoint is not None and resume_checkpoint.resolve().parent == path.resolve()
+    finished = [path / name for name in FINISHED_FILES if (path / name).is_file()]
+    checkpoints = [] if continuing else sorted(path.glob(f"{CHECKPOINT_PREFIX}*"))
+    has_adapter = (path / "adapter_model.safetensors").is_file()
+    if (has_adapter or checkpoints) and not overwrite:
+        lock.close()
+        what = ("a finished adapter (adapter_model.safetensors);" if has_adapter else
+                f"checkpoints of another run ({checkpoints[-1].name}); pass --resume_from_checkpoint to continue it,")
+        raise ValueError(f"--output_dir {output_dir}: holds {what} pass --overwrite_output_dir to replace it, or "
+                         "choose another folder")
+    for old in finished:  # the weights first: from here on the folder does not pass for a finished adapter
+        old.unlink()
+    for old in checkpoints:
+        shutil.rmtree(old)
+    return path, lock
 
 
 def save_adapter(output_dir: Path, model, tokenizer, summary: TrainingSummary, validation_rows: list[dict]) -> None:
@@ -139,6 +217,7 @@ An instruction-following LoRA adapter trained with alpaca-lora on Alpaca-format 
 - source: `{data.path}` (sha256 `{data.sha256}`)
 - {data.rows} rows, {data.bad_rows_dropped} bad rows dropped; {data.train_rows} trained on, {data.validation_rows} held out
   for validation{' (`' + data.validation_file + '`)' if data.validation_file else ''}
+- {data.duplicate_rows} rows repeat an earlier row exactly (each row's copies are all on one side of the split)
 - {data.truncated_examples} training examples were cut at cutoff_len {summary.arguments['cutoff_len']} (no EOS learned for them)
 
 ## Evaluation

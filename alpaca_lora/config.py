@@ -8,6 +8,7 @@ read, so that an unknown one fails before the model is loaded).
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .templates import load_template
 
@@ -22,6 +23,8 @@ class TrainConfig:
     data_path: str = field(default="yahma/alpaca-cleaned", metadata={
         "help": "Alpaca-format .json list or .jsonl file (self-instruct seed tasks too), or a dataset hub id"})
     output_dir: str = field(default="./lora-alpaca", metadata={"help": "where the adapter and checkpoints go"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "train into an --output_dir that holds a finished adapter or another run's checkpoints, replacing them"})
     batch_size: int = field(default=128, metadata={
         "help": "global batch: examples per optimizer step over all processes"})
     micro_batch_size: int = field(default=4, metadata={
@@ -85,6 +88,8 @@ class TrainConfig:
         c = dataclasses.replace(self)
         if not isinstance(c.base_model, str) or not c.base_model:
             raise ValueError("--base_model is required: a hub id or a local model folder")
+        if Path(c.base_model).expanduser().exists():  # recorded absolute: the adapter must find it from anywhere
+            c.base_model = str(Path(c.base_model).expanduser().resolve())
         for name in ("data_path", "output_dir", "prompt_template_name", "wandb_project", "wandb_run_name",
                      "resume_from_checkpoint", "lr_scheduler", "tokenized_cache_dir"):
             setattr(c, name, "" if getattr(c, name) in (None, False) else str(getattr(c, name)))
@@ -102,7 +107,7 @@ class TrainConfig:
                 raise ValueError(f"--{name} {value!r}: must be a number in [{low}, {high})")
         if c.learning_rate == 0:
             raise ValueError("--learning_rate 0: must be positive, e.g. 3e-4")
-        for name in ("train_on_inputs", "add_eos_token", "group_by_length", "load_4bit", "use_dora", "use_rslora",
+        for name in ("overwrite_output_dir", "train_on_inputs", "add_eos_token", "group_by_length", "load_4bit", "use_dora", "use_rslora",
                      "skip_bad_rows", "packing", "torch_compile", "fast_lora_dropout"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"--{name} {getattr(c, name)!r}: must be True or False")

@@ -5,6 +5,7 @@ and help text, and turns a ValueError (the package's way of saying "bad input") 
 """
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
@@ -34,10 +35,47 @@ def _fire(prog: str, component, argv=None) -> None:
     import fire
 
     _quiet_library_notices()
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        check_flags(prog, component, argv)
         fire.Fire(component, command=argv, name=prog)
     except ValueError as error:
         sys.exit(f"{prog}: error: {error}")
+    except OSError as error:  # a full disk, a folder gone: what the system said, about which file
+        sys.exit(f"{prog}: error: {error.filename + ': ' if error.filename else ''}{error.strerror or error}")
+
+
+def check_flags(prog: str, component, argv: list[str]) -> None:
+    """Every --flag must name a parameter of the command: checked before any work is done, with the closest
+    valid flag named (fire itself complains about an unknown flag only after the command has run, hours
+    later for a training run)."""
+    if isinstance(component, dict):  # a command with subcommands (evaluate.py loss|answer|judge)
+        if not argv or argv[0].startswith("-"):
+            return
+        if argv[0] not in component:
+            raise ValueError(f"{argv[0]!r}: no such command; use one of {', '.join(component)}")
+        prog, component, argv = f"{prog} {argv[0]}", component[argv[0]], argv[1:]
+    parameters = inspect.signature(component).parameters.values()
+    names = [p.name for p in parameters]
+    takes_positional = any(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
+    follows_flag = False  # the previous word was a flag that may take this word as its value
+    for word in argv:
+        if word == "--":  # fire's own flags follow
+            return
+        if word in ("-h", "--help"):
+            follows_flag = False
+            continue
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0].replace("-", "_")
+            if name not in names and not (name.startswith("no") and name[2:] in names):
+                close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+                raise ValueError(f"--{name}: no such flag" + (f"; did you mean --{close[0]}?" if close else "")
+                                 + f" ({prog} --help lists them)")
+            follows_flag = "=" not in word
+        elif not follows_flag and not takes_positional:
+            raise ValueError(f"{word!r}: a value without a flag; flags are written --name value")
+        else:
+            follows_flag = False
 
 
 def _quiet_library_notices() -> None:
@@ -92,10 +130,14 @@ def self_instruct() -> None:
 
 
 def _quiet(function):
-    """The same command for fire, without the return value fire would print."""
+    """The same command for fire, without the return value fire would print and without the `write` hook
+    that tests pass (not a flag)."""
     @functools.wraps(function)
     def command(*args, **kwargs):
         function(*args, **kwargs)
+    signature = inspect.signature(function)
+    command.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values()
+                                                          if p.name not in ("write", "read")])
     return command
 
 

@@ -59,14 +59,19 @@ class TokenizedSet:
     num_fitting: int  # fit whole, EOS included
 
 
-def load_rows(data_path: str) -> LoadedRows:
-    """Rows from a .json list, a .jsonl file, or a dataset id on the Hugging Face hub."""
+def load_rows(data_path: str, skip_malformed_lines: bool = False) -> LoadedRows:
+    """Rows from a .json list, a .jsonl file, or a dataset id on the Hugging Face hub. A JSONL line that is not
+    JSON (a file cut short, say) is an error, or with `skip_malformed_lines` a bad row that validate_rows counts."""
     path = Path(data_path)
     if path.is_file():
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        try:
+            text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is not data
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--data_path {data_path}: not UTF-8 (byte 0x{raw[error.start]:02x} at offset "
+                             f"{error.start}); save it as UTF-8") from None
         if path.suffix == ".jsonl":
-            records, numbers = _parse_jsonl(text, data_path)
+            records, numbers = _parse_jsonl(text, data_path, skip_malformed_lines)
         else:
             records = _parse_json(text, data_path)
             numbers = list(range(1, len(records) + 1))
@@ -90,7 +95,14 @@ def _parse_json(text: str, source: str) -> list:
     return records
 
 
-def _parse_jsonl(text: str, source: str) -> tuple[list, list[int]]:
+@dataclass(frozen=True)
+class MalformedLine:
+    """A JSONL line that is not JSON, kept in place of its row so that validate_rows names and counts it."""
+
+    problem: str
+
+
+def _parse_jsonl(text: str, source: str, skip_malformed_lines: bool) -> tuple[list, list[int]]:
     records, numbers = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -98,7 +110,11 @@ def _parse_jsonl(text: str, source: str) -> tuple[list, list[int]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: malformed JSON at line {line_number} column {error.colno}: {error.msg}") from None
+            problem = f"malformed JSON at column {error.colno}: {error.msg}"
+            if not skip_malformed_lines:
+                raise ValueError(f"{source}: malformed JSON at line {line_number} column {error.colno}: {error.msg}; "
+                                 "fix it or pass --skip_bad_rows to drop it") from None
+            records.append(MalformedLine(problem))
         numbers.append(line_number)
     return records, numbers
 
@@ -135,6 +151,8 @@ def _expand_seed_tasks(records: list, numbers: list[int]) -> tuple[list, list[in
 
 def row_problem(row) -> str | None:
     """Why a row cannot be trained on, or None if it is fine."""
+    if isinstance(row, MalformedLine):
+        return row.problem
     if not isinstance(row, dict):
         return f"expected an object with instruction/input/output, got {type(row).__name__}"
     instruction = row.get("instruction")
@@ -166,14 +184,29 @@ def validate_rows(loaded: LoadedRows, skip_bad_rows: bool) -> tuple[list[dict], 
     return good, len(bad)
 
 
+def duplicate_rows(rows: list[dict]) -> int:
+    """How many rows repeat an earlier row exactly (instruction, input and output)."""
+    return len(rows) - len({_row_key(row) for row in rows})
+
+
+def _row_key(row: dict) -> tuple:
+    return row["instruction"], row["input"], row["output"]
+
+
 def split_rows(rows: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded random validation split of `val_set_size` rows; the rest, in file order, trains."""
-    if val_set_size >= len(rows):
-        raise ValueError(f"--val_set_size {val_set_size} is not smaller than the {len(rows)} usable rows; "
+    """A seeded random validation split of `val_set_size` distinct rows; the rest, in file order, trains.
+
+    The draw is over distinct rows, and every copy of a drawn row is held out with it: a row repeated in the
+    data never lands on both sides, where validation would measure memorisation (without repeats this is a
+    plain draw of val_set_size rows)."""
+    keys = list(dict.fromkeys(_row_key(row) for row in rows))  # distinct rows, first appearance first
+    if val_set_size >= len(keys):
+        distinct = f" ({len(keys)} distinct)" if len(keys) < len(rows) else ""
+        raise ValueError(f"--val_set_size {val_set_size} is not smaller than the {len(rows)} usable rows{distinct}; "
                          "pass a smaller --val_set_size (0 for no validation)")
-    held_out = set(random.Random(seed).sample(range(len(rows)), val_set_size))
-    train = [row for i, row in enumerate(rows) if i not in held_out]
-    validation = [row for i, row in enumerate(rows) if i in held_out]
+    held_out = {keys[i] for i in random.Random(seed).sample(range(len(keys)), val_set_size)}
+    train = [row for row in rows if _row_key(row) not in held_out]
+    validation = [row for row in rows if _row_key(row) in held_out]
     return train, validation
 
 

@@ -25,7 +25,7 @@ def _cpu_info() -> str:
     return Path("/proc/cpuinfo").read_text()
 
 
-def _check_base_model(base_model: str) -> None:
+def check_base_model(base_model: str) -> None:
     """A missing local folder is named as such instead of being looked up on the hub."""
     if Path(base_model).expanduser().exists():
         return
@@ -43,7 +43,7 @@ def load_tokenizer(base_model: str):
     """The fast tokenizer, with a pad token that is not EOS (padding must never mask the EOS label)."""
     from transformers import AutoTokenizer
 
-    _check_base_model(base_model)
+    check_base_model(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
     except (OSError, ValueError) as error:
@@ -84,7 +84,7 @@ def load_model(base_model: str, quantization: str | None, bf16: bool, device: to
     """The base model on `device`; weights in bf16 or fp32, or 8-/4-bit through bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _check_base_model(base_model)
+    check_base_model(base_model)
     dtype = torch.bfloat16 if bf16 else torch.float32
     quantization_config = None
     if quantization == "8bit":

@@ -21,15 +21,17 @@ from pathlib import Path
 
 import torch
 
-from .adapter_folder import PUBLISHED_FILES, VALIDATION_FILE, DataSummary, TrainingSummary, save_adapter
+from .adapter_folder import (PUBLISHED_FILES, VALIDATION_FILE, DataSummary, TrainingSummary, claim_output_dir,
+                             save_adapter)
 from .batching import PassLayout, StepPlan, collate, passes
 from .checkpoints import PREFIX, load_adapter_weights, load_checkpoint, resume_source, save_adapter_only, save_checkpoint
 from .config import TrainConfig
-from .data import IGNORE_INDEX, LoadedRows, TokenizedSet, load_rows, split_rows, tokenize_rows_cached, validate_rows
+from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, load_rows, split_rows, tokenize_rows_cached,
+                   validate_rows)
 from .evaluation import evaluate_loss
 from .loss import LossModule, response_only_loss
-from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, fast_bf16_available, load_model,
-                    load_tokenizer, use_fast_lora_dropout)
+from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
+                    load_model, load_tokenizer, use_fast_lora_dropout)
 from .progress import ProgressReport, finish_wandb, start_wandb
 from .templates import load_template
 
@@ -51,8 +53,9 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     if config.batch_size % (config.micro_batch_size * world_size):
         raise ValueError(f"--batch_size {config.batch_size} is not divisible by --micro_batch_size "
                          f"{config.micro_batch_size} x {world_size} processes; adjust one of them")
-    output_dir = _prepare_output_dir(config.output_dir) if is_main else Path(config.output_dir)
     resume = resume_source(config.resume_from_checkpoint)
+    output_dir, lock = (claim_output_dir(config.output_dir, config.overwrite_output_dir, resume and resume[1])
+                        if is_main else (Path(config.output_dir).expanduser(), None))
 
     # ---- data: rows -> training and validation examples -> the plan of every step ----
     data = load_training_data(config)
@@ -121,6 +124,8 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
             finish_wandb(wandb_run, config.wandb_log_model, [output_dir / name for name in PUBLISHED_FILES])
         say(f"saved the adapter to {output_dir}")
     accelerator.wait_for_everyone()
+    if lock:
+        lock.close()
     return TrainResult(model=model, summary=summary, history=history)
 
 
@@ -162,31 +167,36 @@ class TrainingData:
     template: object
     loaded: LoadedRows
     num_bad: int
+    num_duplicates: int  # rows that repeat an earlier row exactly; split_rows keeps each one's copies together
     train_rows: list[dict]
     val_rows: list[dict]
     train_set: TokenizedSet
     val_set: TokenizedSet
 
     def describe(self, cutoff_len: int) -> str:
-        return (f"data: {len(self.loaded.rows)} rows in {self.loaded.source} ({self.num_bad} bad dropped), "
+        return (f"data: {len(self.loaded.rows)} rows in {self.loaded.source} ({self.num_bad} bad dropped, "
+                f"{self.num_duplicates} repeating an earlier row), "
                 f"{len(self.train_rows)} train, {len(self.val_rows)} validation; {self.train_set.num_truncated} "
                 f"training examples truncated at cutoff_len {cutoff_len}, {self.train_set.num_without_targets} "
                 "dropped (prompt alone fills it)")
 
 
 def load_training_data(config: TrainConfig) -> TrainingData:
-    """Rows -> validated -> split -> tokenized (cached) training and validation examples."""
+    """Rows -> validated -> split -> tokenized (cached) training and validation examples. The cheap checks come
+    first: a missing model folder or a bad data file is reported before the tokenizer takes its seconds to load."""
     template = load_template(config.prompt_template_name)
-    tokenizer = load_tokenizer(config.base_model)  # first: a wrong --base_model fails before any data is read
-    loaded = load_rows(config.data_path)
+    check_base_model(config.base_model)
+    loaded = load_rows(config.data_path, skip_malformed_lines=config.skip_bad_rows)
     rows, num_bad = validate_rows(loaded, config.skip_bad_rows)
     train_rows, val_rows = split_rows(rows, config.val_set_size, config.seed)
+    tokenizer = load_tokenizer(config.base_model)
     train_set, val_set = (tokenize_rows_cached(part, tokenizer, template, config.cutoff_len, config.train_on_inputs,
                                                config.tokenized_cache_dir) for part in (train_rows, val_rows))
     if train_set.num_fitting == 0:
         raise ValueError(f"--cutoff_len {config.cutoff_len}: no training example fits (prompt + response + EOS); "
                          "raise --cutoff_len")
-    return TrainingData(tokenizer, template, loaded, num_bad, train_rows, val_rows, train_set, val_set)
+    return TrainingData(tokenizer, template, loaded, num_bad, duplicate_rows(rows), train_rows, val_rows, train_set,
+                        val_set)
 
 
 @dataclass
@@ -267,20 +277,6 @@ def _lr_schedule(optimizer, config: TrainConfig, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
 
 
-def _prepare_output_dir(output_dir: str) -> Path:
-    """Create output_dir and prove it is writable before any work is done."""
-    path = Path(output_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"--output_dir {output_dir}: not writable ({error.strerror or error}); "
-                         "choose a folder you can write to") from None
-    return path
-
-
 def _resume(resume, model, accelerator, config: TrainConfig, data_sha256: str, say) -> int:
     """The step training starts from: a checkpoint's, or 0 (from an adapter's weights, or fresh)."""
     if resume is None:
@@ -312,7 +308,8 @@ def _summary(config: TrainConfig, world_size: int, data: TrainingData, loaded: T
                          bad_rows_dropped=data.num_bad, train_rows=len(data.train_rows),
                          validation_rows=len(data.val_rows), truncated_examples=data.train_set.num_truncated,
                          examples_without_targets=data.train_set.num_without_targets,
-                         validation_file=VALIDATION_FILE if data.val_rows else None),
+                         validation_file=VALIDATION_FILE if data.val_rows else None,
+                         duplicate_rows=data.num_duplicates),
         precision=loaded.quantization or ("bf16" if loaded.bf16 else "fp32"),
         gradient_checkpointing=loaded.checkpointing, attention=loaded.attention, gpu_memory_mb=gpu_memory_mb or None,
         device=str(device), steps=steps, final_train_loss=history[-1]["loss"] if history else None,

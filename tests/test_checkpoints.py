@@ -91,3 +91,57 @@ def test_only_the_newest_checkpoints_are_kept_by_step_not_by_name(run, tmp_path)
     for step in (2, 4, 10, 12):  # "checkpoint-10" sorts before "checkpoint-2" by name
         save_checkpoint(tmp_path / f"checkpoint-{step}", model, accelerator, step, ARGUMENTS, "sha", keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-12"]
+
+
+class _RunsAShellCommand:
+    """What a crafted checkpoint holds: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_crafted_checkpoint_file_is_refused_and_runs_nothing(run, tmp_path, name):
+    import pickle
+
+    accelerator, model, *_ = run
+    folder = tmp_path / "checkpoint-1"
+    save_checkpoint(folder, model, accelerator, 1, ARGUMENTS, "sha", keep=3)
+    marker = tmp_path / "pwned"
+    (folder / name).write_bytes(pickle.dumps(_RunsAShellCommand(marker)))
+    with pytest.raises(ValueError, match=rf"--resume_from_checkpoint {folder}: .*(not plain saved state|cannot be read)"):
+        load_checkpoint(folder, model, accelerator, ARGUMENTS, "sha")
+    assert not marker.exists()
+
+
+def test_a_checkpoint_is_whole_or_absent(run, tmp_path, monkeypatch):
+    accelerator, model, *_ = run
+    save_checkpoint(tmp_path / "checkpoint-1", model, accelerator, 1, ARGUMENTS, "sha", keep=3)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(accelerator, "save_state", disk_full)  # killed, or the disk full, half way through
+    with pytest.raises(ValueError, match=r"could not write checkpoint-2 \(No space left on device\); free some space"):
+        save_checkpoint(tmp_path / "checkpoint-2", model, accelerator, 2, ARGUMENTS, "sha", keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no half checkpoint, no staging
+
+
+def test_an_incomplete_or_damaged_checkpoint_names_the_newest_complete_one(run, tmp_path):
+    accelerator, model, *_ = run
+    for step in (1, 2):
+        save_checkpoint(tmp_path / f"checkpoint-{step}", model, accelerator, step, ARGUMENTS, "sha", keep=3)
+    # as an earlier version left it when killed between the adapter and trainer_state.json
+    (tmp_path / "checkpoint-3").mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.bin"):
+        (tmp_path / "checkpoint-3" / name).write_bytes((tmp_path / "checkpoint-2" / name).read_bytes())
+    with pytest.raises(ValueError, match=rf"an incomplete checkpoint .*the newest complete one is {tmp_path}/checkpoint-2"):
+        resume_source(str(tmp_path / "checkpoint-3"))
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("")
+    with pytest.raises(ValueError, match=r"checkpoint-2: trainer_state.json cannot be read \(Expecting value: line 1 "
+                                         rf"column 1 .*\); .*the newest complete one is {tmp_path}/checkpoint-1"):
+        load_checkpoint(tmp_path / "checkpoint-2", model, accelerator, ARGUMENTS, "sha")

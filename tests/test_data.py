@@ -172,3 +172,44 @@ def test_tokenized_data_is_cached_under_everything_that_decides_it(tiny_base, al
     uncached = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache_dir="")  # off: no file
     assert contents(uncached) == contents(first)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 5
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_byte_order_mark_is_not_data(tmp_path, alpaca_rows, suffix):
+    path = tmp_path / f"rows{suffix}"
+    text = json.dumps(alpaca_rows[:3]) if suffix == ".json" else "\n".join(json.dumps(r) for r in alpaca_rows[:3])
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_rows(str(path)).rows == alpaca_rows[:3]
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"instruction": "Caf\u00e9?", "output": "oui"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"--data_path {path}: not UTF-8 \(byte 0xe9 at offset 21\); save it as UTF-8"):
+        load_rows(str(path))
+
+
+def test_a_line_cut_short_is_a_bad_row_that_skip_bad_rows_drops(tmp_path, alpaca_rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in alpaca_rows[:4]) + "\n" + json.dumps(alpaca_rows[4])[:30])
+    with pytest.raises(ValueError, match=r"malformed JSON at line 5 column \d+: .*pass --skip_bad_rows"):
+        load_rows(str(path))
+    good, dropped = validate_rows(load_rows(str(path), skip_malformed_lines=True), skip_bad_rows=True)
+    assert good == alpaca_rows[:4] and dropped == 1
+    with pytest.raises(ValueError, match=r"1 bad row\(s\) of 5: row 5: malformed JSON at column"):
+        validate_rows(load_rows(str(path), skip_malformed_lines=True), skip_bad_rows=False)
+
+
+def test_copies_of_a_row_stay_on_one_side_of_the_split(alpaca_rows):
+    from alpaca_lora.data import duplicate_rows
+
+    rows = alpaca_rows + [alpaca_rows[0]] * 60  # 60 copies of one row, as a probe found
+    assert duplicate_rows(rows) == 60 and duplicate_rows(alpaca_rows) == 0
+    for seed in range(20):
+        train, val = split_rows(rows, 10, seed=seed)
+        copies_in_val = sum(r == alpaca_rows[0] for r in val)
+        assert copies_in_val in (0, 61) and sum(r == alpaca_rows[0] for r in train) == 61 - copies_in_val
+        assert len({json.dumps(r) for r in val}) == 10 and len(train) + len(val) == len(rows)
+    # without repeats the split is the plain draw it always was
+    assert split_rows(alpaca_rows, 10, seed=1)[1] == [alpaca_rows[i] for i in sorted(
+        __import__("random").Random(1).sample(range(48), 10))]

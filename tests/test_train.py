@@ -240,3 +240,68 @@ def test_bad_input_from_the_command_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"finetune.py: error: --base_model {tmp_path}/nothing-here: no such folder; pass a local model folder or a hub id"
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+# ---- the output folder ----
+
+def test_a_finished_adapter_is_not_trained_over_without_overwrite(tiny_base, alpaca_file, tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    train(tiny_config(tiny_base, alpaca_file, out, max_steps=1))
+    finished = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=rf"--output_dir {out}: holds a finished adapter .* --overwrite_output_dir"):
+        train(tiny_config(tiny_base, alpaca_file, out, max_steps=1))
+    assert (out / "adapter_model.safetensors").read_bytes() == finished
+
+    # with --overwrite_output_dir the old adapter goes first: a run killed before it ends leaves no adapter behind
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("alpaca_lora.train.train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_base, alpaca_file, out, max_steps=1, overwrite_output_dir=True))
+    assert not {"adapter_model.safetensors", "training_summary.json", "README.md"} & {p.name for p in out.iterdir()}
+
+
+def test_another_runs_checkpoints_are_continued_or_replaced_never_mixed(tiny_base, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_base, alpaca_file, out, num_epochs=2, save_steps=4))
+    (out / "adapter_model.safetensors").unlink()  # as if killed before the end
+    with pytest.raises(ValueError, match=r"holds checkpoints of another run \(checkpoint-8\); pass "
+                                         r"--resume_from_checkpoint to continue it"):
+        train(tiny_config(tiny_base, alpaca_file, out, num_epochs=2, save_steps=4))
+    resumed = train(tiny_config(tiny_base, alpaca_file, out, num_epochs=2, save_steps=4,
+                                resume_from_checkpoint=str(out / "checkpoint-8")))
+    assert [r["step"] for r in resumed.history] == [9, 10]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_writes(tiny_base, alpaca_file, tmp_path):
+    from alpaca_lora.adapter_folder import claim_output_dir
+
+    folder, lock = claim_output_dir(str(tmp_path / "busy"), overwrite=False, resume_checkpoint=None)
+    try:
+        with pytest.raises(ValueError, match="another run is writing to it now"):
+            train(tiny_config(tiny_base, alpaca_file, folder, max_steps=1))
+    finally:
+        lock.close()
+    assert train(tiny_config(tiny_base, alpaca_file, folder, max_steps=1)).summary.steps == 1  # free again
+
+
+def test_a_local_base_model_is_recorded_absolute(tiny_base, alpaca_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_base.parent)
+    result = train(tiny_config(f"./{tiny_base.name}", alpaca_file, tmp_path / "out", max_steps=1))
+    assert result.summary.base_model == str(tiny_base.resolve())
+    monkeypatch.chdir(tmp_path)  # the adapter works from anywhere
+    from alpaca_lora.adapter_folder import describe_adapter
+
+    assert describe_adapter(str(tmp_path / "out")).base_model_or("") == str(tiny_base.resolve())
+
+
+def test_data_is_checked_before_the_tokenizer_loads(tiny_base, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the data was checked")
+    monkeypatch.setattr("alpaca_lora.train.load_tokenizer", no_loading)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a"}]')
+    with pytest.raises(ValueError, match="1 bad row"):
+        train(tiny_config(tiny_base, bad, tmp_path / "out"))
+    with pytest.raises(ValueError, match="no such file"):
+        train(tiny_config(tiny_base, tmp_path / "missing.json", tmp_path / "out"))
