@@ -26,6 +26,8 @@ from .model import load_model
 PROBE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+EXAMPLE_VALUES = {"lora_weights": "./lora-alpaca", "base_model": "huggyllama/llama-7b", "output_dir": "./merged",
+                  "gguf": "./model.gguf", "meta_checkpoint": "./meta", "max_shard_size": "2GB"}
 
 
 @dataclass
@@ -49,7 +51,10 @@ def export(config: ExportConfig, write=print) -> dict:
     """Merge and write every output the flags ask for; returns what was measured."""
     _validate(config)
     adapter = describe_adapter(config.lora_weights)
-    base_model = config.base_model or adapter.base_model
+    base_model = adapter.base_model_or(config.base_model)
+    if adapter.base_model and not _same_model(base_model, adapter.base_model):
+        write(f"warning: merging onto {base_model}, but the adapter was trained on {adapter.base_model}; the result "
+              "is not what was trained, and the model card says so")
     trained_on = adapter.summary.precision if adapter.summary else "unknown"
     cpu = torch.device("cpu")
 
@@ -88,7 +93,16 @@ def export(config: ExportConfig, write=print) -> dict:
     return report
 
 
+def _same_model(a: str, b: str) -> bool:
+    """The same hub id, or the same folder however it is written."""
+    local = [Path(name).expanduser() for name in (a, b)]
+    return a == b or all(p.exists() for p in local) and local[0].resolve() == local[1].resolve()
+
+
 def _validate(config: ExportConfig) -> None:
+    for flag in ("lora_weights", "base_model", "output_dir", "gguf", "meta_checkpoint", "max_shard_size"):
+        if isinstance(getattr(config, flag), bool):  # a flag given with no value: fire passes True
+            raise ValueError(f"--{flag} needs a value, e.g. --{flag} {EXAMPLE_VALUES[flag]}")
     if not config.lora_weights:
         raise ValueError("--lora_weights is required: the adapter folder to merge")
     if not (config.output_dir or config.gguf or config.meta_checkpoint):
@@ -126,6 +140,12 @@ def check_logits(what: str, got: torch.Tensor, reference: torch.Tensor, base_log
         raise ValueError(f"{what}: the exported model's probe logits are {error:.3g} from base + adapter "
                          f"(allowed {allowed:.3g}); nothing was written")
     if from_base <= allowed:
+        effect = (reference - base_logits).abs().max().item()
+        if effect > tolerance(torch.float32, reference):  # in fp32 it is not the base: the rounding swallowed it
+            raise ValueError(f"{what}: the adapter changes the probe logits by at most {effect:.3g}, less than the "
+                             f"rounding of 16-bit weights allows ({allowed:.3g}): written this way it could not be "
+                             "told from the bare base; use --dtype float32 (or train the adapter longer); "
+                             "nothing was written")
         raise ValueError(f"{what}: the exported model equals the bare base (largest difference {from_base:.3g}): "
                          "the adapter merged nothing; nothing was written")
     return {"max_abs_difference": error, "allowed": allowed, "difference_from_base": from_base}
@@ -254,6 +274,7 @@ license: other
 # {base} + LoRA adapter, merged
 
 The adapter `{config.lora_weights}` merged into `{base}` by alpaca-lora's `export_hf.py`, saved as {config.dtype}.
+{'' if not adapter.base_model or _same_model(base, adapter.base_model) else f"**The adapter was trained on `{adapter.base_model}`, not on `{base}`**: this merge is not the model that was trained."}
 Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; prompt it with the `{adapter.prompt_template or 'alpaca'}` template.
 
 ## Verification

@@ -67,7 +67,7 @@ class Generator:
     def __init__(self, base_model: str = "", lora_weights: str = "", prompt_template: str = "",
                  load_8bit: bool = False, load_4bit: bool = False, bf16: bool | None = None, device: str = ""):
         adapter = describe_adapter(lora_weights) if lora_weights else None
-        base_model = base_model or (adapter.base_model if adapter else "")
+        base_model = adapter.base_model_or(base_model) if adapter else base_model
         if not base_model:
             raise ValueError("--base_model is required (or an adapter folder that names its base model)")
         self.device = torch.device(device) if device else _default_device()

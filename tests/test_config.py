@@ -37,3 +37,28 @@ def test_target_module_spellings():
     for spelling in ("[q_proj,v_proj]", "q_proj,v_proj", ["q_proj", "v_proj"], ("q_proj", "v_proj")):
         assert TrainConfig(base_model="m", lora_target_modules=spelling).validated().lora_target_modules == ["q_proj", "v_proj"]
     assert TrainConfig(base_model="m", lora_target_modules="all-linear").validated().lora_target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("finetune.py", ["--num_epoch", "3"], "finetune.py: error: --num_epoch: no such flag; did you mean --num_epochs? "
+                                          "(finetune.py --help lists them)"),
+    ("generate.py", ["--instrucion", "hi"], "generate.py: error: --instrucion: no such flag; did you mean --instruction?"),
+    ("evaluate.py", ["loss", "--lora_weight", "x"], "evaluate.py: error: --lora_weight: no such flag; did you mean "
+                                                    "--lora_weights? (evaluate.py loss --help lists them)"),
+    ("evaluate.py", ["loss", "--write", "x"], "evaluate.py: error: --write: no such flag"),
+    ("export_hf.py", ["stray"], "export_hf.py: error: 'stray': a value without a flag"),
+])
+def test_a_mistyped_flag_stops_the_command_before_any_work(tmp_path, script, args, message):
+    # a base model that is not there: the flag error comes first, so nothing was loaded, read or trained
+    result = run_script(REPO / script, *args, "--base_model", tmp_path / "absent", timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-500:]
+
+
+def test_flags_may_be_spelled_as_fire_takes_them():
+    from alpaca_lora.console import check_flags
+
+    def command(*, load_4bit: bool = False, lora_r: int = 8):
+        pass
+    for argv in (["--load_4bit", "--lora_r", "16"], ["--noload_4bit"], ["--lora-r=4"], ["--load_4bit", "False"],
+                 ["--help"], ["--lora_r", "4", "--", "--interactive"]):
+        check_flags("finetune.py", command, argv)

@@ -207,3 +207,64 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_adapter, tmp_path):
     result = run_script(REPO / "export_hf.py", "--lora_weights", tmp_path / "missing", "--output_dir", tmp_path / "y")
     assert result.returncode == 1 and not (tmp_path / "y").exists()
     assert result.stderr.strip().splitlines()[-1].startswith("export_hf.py: error: --lora_weights")
+
+
+def _scaled_adapter(tiny_adapter, folder, scale):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_adapter, folder)
+    weights = load_file(tiny_adapter / "adapter_model.safetensors")
+    save_file({k: v * scale if "lora_B" in k else v for k, v in weights.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_a_change_below_16_bit_rounding_is_named_as_such(tiny_adapter, tmp_path):
+    faint = _scaled_adapter(tiny_adapter, tmp_path / "faint", 0.001)  # a briefly trained adapter
+    with pytest.raises(ValueError, match=r"the adapter changes the probe logits by at most .*, less than the rounding "
+                                         r"of 16-bit weights allows .*use --dtype float32"):
+        export(ExportConfig(lora_weights=str(faint), output_dir=str(tmp_path / "f16")), write=quiet)
+    assert not (tmp_path / "f16").exists()
+    report = export(ExportConfig(lora_weights=str(faint), output_dir=str(tmp_path / "f32"), dtype="float32"),
+                    write=quiet)
+    assert report["hf"]["max_abs_difference"] <= 1e-4 < report["hf"]["difference_from_base"]
+
+
+def test_merging_onto_another_base_of_the_same_shape_is_said_and_recorded(tiny_base, tiny_adapter, tmp_path):
+    from alpaca_lora.demo import DemoConfig, build_demo_model
+
+    other = build_demo_model(DemoConfig(output_dir=str(tmp_path / "other"), vocab_size=512, hidden_size=64,
+                                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                        pretrain_steps=0, seed=7))  # the same shape, other weights
+    lines = []
+    export(ExportConfig(lora_weights=str(tiny_adapter), base_model=str(other), output_dir=str(tmp_path / "out"),
+                        dtype="float32"), write=lines.append)
+    assert any(line.startswith(f"warning: merging onto {other}, but the adapter was trained on {tiny_base}")
+               for line in lines)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"**The adapter was trained on `{tiny_base}`, not on `{other}`**" in card
+    same = []
+    export(ExportConfig(lora_weights=str(tiny_adapter), base_model=str(tiny_base), output_dir=str(tmp_path / "same"),
+                        dtype="float32"), write=same.append)
+    assert not any(line.startswith("warning") for line in same)
+
+
+@pytest.mark.parametrize("flag", ["gguf", "output_dir", "meta_checkpoint"])
+def test_a_path_flag_given_without_a_path_is_one_line(tiny_adapter, flag):
+    with pytest.raises(ValueError, match=rf"--{flag} needs a value, e.g. --{flag} ./"):
+        export(ExportConfig(lora_weights=str(tiny_adapter), **{flag: True}), write=quiet)
+
+
+def test_a_damaged_adapter_is_named_by_export_and_generate(tiny_adapter, tmp_path):
+    from conftest import REPO, run_script
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_adapter, damaged)
+    weights = (damaged / "adapter_model.safetensors").read_bytes()
+    (damaged / "adapter_model.safetensors").write_bytes(weights[:len(weights) // 2])
+    message = f"--lora_weights {damaged}: adapter_model.safetensors is damaged or cut short"
+    with pytest.raises(ValueError, match=message):
+        export(ExportConfig(lora_weights=str(damaged), output_dir=str(tmp_path / "out")), write=quiet)
+    with pytest.raises(ValueError, match=message):
+        Generator(lora_weights=str(damaged), bf16=False, device="cpu")
+    result = run_script(REPO / "generate.py", "--lora_weights", damaged, "--instruction", "hi")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"generate.py: error: {message}")

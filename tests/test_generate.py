@@ -134,3 +134,16 @@ def test_ctrl_c_stops_the_answer_not_the_session(generator, monkeypatch):
                                 write=lambda text="", end="\n", flush=False: written.append(text + end))
     assert "".join(written).endswith("Once [stopped]\n")
     assert seen_stop[0].is_set()  # the generation thread is told to stop
+
+
+def test_a_base_model_that_moved_is_named_with_the_file_that_named_it(tiny_adapter, tmp_path):
+    import json
+    import shutil
+
+    moved = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, moved)
+    summary = json.loads((moved / "training_summary.json").read_text())
+    (moved / "training_summary.json").write_text(json.dumps({**summary, "base_model": str(tmp_path / "gone")}))
+    with pytest.raises(ValueError, match=rf"--lora_weights {moved}: its training_summary.json names the base model "
+                                         rf"{tmp_path}/gone, which is not there any more; pass --base_model"):
+        Generator(lora_weights=str(moved), bf16=False, device="cpu")
