@@ -6,6 +6,8 @@ line (FatalAPIError): retrying those only burns time. The key is the client's bu
 openai client from OPENAI_API_KEY or passed in, and never printed or written.
 """
 
+import asyncio
+import re
 from dataclasses import dataclass, field
 
 # US dollars per 1,000 tokens (input, output), from the providers' price pages; --price_per_1k_* overrides.
@@ -17,6 +19,13 @@ PRICES_PER_1K = {
     "gpt-4.1-nano": (0.0001, 0.0004),
     "gpt-3.5-turbo": (0.0005, 0.0015),
 }
+
+
+_SECRET = re.compile(r"(?i)bearer\s+\S+|\bsk-[A-Za-z0-9_-]{6,}")
+
+
+class RetriesExhausted(Exception):
+    """A request whose attempts took longer than max_retry_seconds in all."""
 
 
 class FatalAPIError(ValueError):
@@ -76,6 +85,7 @@ class Client:
     api_key: str | None = None
     timeout: float = 60.0
     max_retries: int = 8
+    max_retry_seconds: float = 300.0  # a request's attempts and waits together: the openai client sets no such cap
     retries: dict = field(default_factory=dict)  # reason -> failed attempts, for the summary
 
     def __post_init__(self):
@@ -98,7 +108,11 @@ class Client:
         import openai
 
         try:
-            return await self._client.chat.completions.create(model=self.model, messages=messages, **parameters)
+            return await asyncio.wait_for(
+                self._client.chat.completions.create(model=self.model, messages=messages, **parameters),
+                self.max_retry_seconds)
+        except asyncio.TimeoutError:
+            raise RetriesExhausted(f"no answer in {self.max_retry_seconds:g} s of attempts") from None
         except openai.AuthenticationError:
             raise FatalAPIError("the API key was refused (401): check OPENAI_API_KEY") from None
         except openai.PermissionDeniedError:
@@ -109,7 +123,26 @@ class Client:
             if error.status_code >= 500 or error.status_code in (408, 409, 429):
                 raise  # retried until the retries ran out: the caller counts the request as failed
             raise FatalAPIError(f"the API refused the request ({error.status_code}): "
-                                f"{str(error.message)[:200]}") from None
+                                f"{self.redact(str(error.message))[:200]}") from None
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key, however an API's error message echoes it."""
+        key = self._client.api_key if isinstance(self._client.api_key, str) else ""
+        if len(key) >= 4:
+            text = text.replace(key, "[redacted]")
+        return _SECRET.sub("[redacted]", text)
+
+    def stop_if_every_request_failed(self, results: list) -> None:
+        """A batch in which every request failed after its retries: the API is down, or refuses everything. Stop
+        with one line rather than go on sending, or report an empty result as if all went well."""
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if results and len(failures) == len(results):
+            last = failures[-1]
+            reason = self.redact(str(last).strip().splitlines()[0][:200] if str(last).strip() else "")
+            raise FatalAPIError(f"every request of a batch failed after {self.max_retries} retries each "
+                                f"({type(last).__name__}{': ' + reason if reason else ''}): the API at "
+                                f"{self.base_url or 'api.openai.com'} is not answering; what was done so far is kept, "
+                                "and a rerun resumes")
 
     async def close(self):
         await self._client.close()

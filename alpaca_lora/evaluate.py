@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .api import Client, make_spend
+from .api import Client, FatalAPIError, make_spend
 from .data import load_rows, tokenize_rows, validate_rows
 from .files import append_jsonl, resume_jsonl, write_text_atomically
 from .batching import PassLayout
@@ -132,6 +132,8 @@ class JudgeConfig:
     price_per_1k_output: float | None = field(default=None, metadata={"help": "USD per 1,000 output tokens"})
     request_timeout: float = field(default=60.0, metadata={"help": "seconds before a request is retried"})
     max_retries: int = field(default=8, metadata={"help": "retries of a rate-limited or failed request"})
+    max_retry_seconds: float = field(default=300.0, metadata={"help": "most seconds one request may take, retries "
+                                                                      "and waits included"})
 
 
 def judge(config: JudgeConfig, api_key: str | None = None, read=input, write=print) -> dict:
@@ -161,7 +163,8 @@ def judge(config: JudgeConfig, api_key: str | None = None, read=input, write=pri
     elif jobs:
         spend = make_spend(config.judge_model, config.price_per_1k_input, config.price_per_1k_output,
                            config.max_cost_usd)
-        client = Client(config.judge_model, config.base_url, api_key, config.request_timeout, config.max_retries)
+        client = Client(config.judge_model, config.base_url, api_key, config.request_timeout, config.max_retries,
+                        config.max_retry_seconds)
         asyncio.run(_judge_by_model(jobs, ours, reference, cache, cache_path, client, spend, config.request_batch_size))
     report = _report(pairs, cache, config, missing, extra, spend)
     write_text_atomically(output_dir / "report.json", json.dumps(report, indent=2))
@@ -207,13 +210,15 @@ async def _judge_by_model(jobs, ours, reference, cache, cache_path, client: Clie
 
             results = await asyncio.gather(*(one(k, o) for k, o in batch), return_exceptions=True)
             for (key, ours_first), result in zip(batch, results):
-                if isinstance(result, ValueError):  # fatal: bad key, unknown model
-                    raise result
                 if isinstance(result, BaseException):
                     continue  # retries exhausted: left uncached, a rerun asks again
                 spend.add(result.usage)
                 text = result.choices[0].message.content or ""
                 _remember(cache, cache_path, key, ours_first, parse_verdict(text), text)
+            fatal = next((r for r in results if isinstance(r, FatalAPIError)), None)
+            if fatal:  # bad key, unknown model: after the batch's verdicts are kept
+                raise fatal
+            client.stop_if_every_request_failed(results)
     finally:
         await client.close()
 

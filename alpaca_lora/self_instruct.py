@@ -141,6 +141,8 @@ class SelfInstructConfig:
     price_per_1k_output: float | None = field(default=None, metadata={"help": "USD per 1,000 output tokens (default: known price)"})
     request_timeout: float = field(default=60.0, metadata={"help": "seconds before a request is retried"})
     max_retries: int = field(default=8, metadata={"help": "retries of a rate-limited or failed request"})
+    max_retry_seconds: float = field(default=300.0, metadata={"help": "most seconds one request may take, retries "
+                                                                      "and waits included"})
     export: str = field(default="", metadata={"help": "also write the kept rows as an Alpaca .json list here"})
 
 
@@ -166,7 +168,8 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
     for row in seeds + kept:
         index.add(row["instruction"])
     rejected: dict[str, int] = state["rejected"]
-    client = Client(config.model, config.base_url, api_key, config.request_timeout, config.max_retries)
+    client = Client(config.model, config.base_url, api_key, config.request_timeout, config.max_retries,
+                    config.max_retry_seconds)
     started = time.time()
     from tqdm.auto import tqdm
 
@@ -196,7 +199,7 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
                 accepted = []
                 for result in results:
                     if isinstance(result, FatalAPIError):
-                        raise result
+                        continue  # raised below, once this batch's good answers are kept
                     if isinstance(result, BaseException):
                         _count(rejected, f"request failed: {type(result).__name__}")
                         spend.requests += 1
@@ -226,6 +229,10 @@ def regenerate(config: SelfInstructConfig, api_key: str | None = None, write=pri
                 append_jsonl(rows_path, accepted)  # a kill loses at most the batch in flight
                 kept = kept + accepted
                 _write_state(state_path, spend, rejected)
+                fatal = next((r for r in results if isinstance(r, FatalAPIError)), None)
+                if fatal:
+                    raise fatal
+                client.stop_if_every_request_failed(results)
                 bar.update(len(accepted))
                 bar.set_postfix(requests=spend.requests, rejected=sum(rejected.values()),
                                 usd=f"{spend.usd:.4f}" if spend.usd is not None else "?")

@@ -158,3 +158,14 @@ def test_the_self_instruct_eval_set_matches_its_reference_answers():
     keys = {(r["instruction"].strip(), r["input"].strip()) for r in rows}
     reference = load_answers(str(predictions))
     assert len(rows) == 252 and keys == set(reference)
+
+
+def test_a_dead_judge_stops_with_one_line_and_no_report(tmp_path, answer_files, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    api = FakeAPI([(500, {"error": {"message": "down"}}, {}, 0)])
+    try:
+        with pytest.raises(ValueError, match=r"every request of a batch failed after 1 retries each"):
+            judge(_config(tmp_path, answer_files, api, max_retries=1), **QUIET)
+    finally:
+        api.close()
+    assert len(api.calls) == 4 * 2 and not (tmp_path / "judged" / "report.json").exists()

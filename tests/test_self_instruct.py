@@ -221,3 +221,42 @@ def test_a_server_that_never_gives_usable_tasks_stops_the_run(fake_api, tmp_path
     summary = regenerate(config(tmp_path, fake_api([ok(" I cannot do that.")]), model="local", request_batch_size=1),
                          write=lambda *a: None)
     assert summary["stopped"] == "20 batches in a row kept nothing" and summary["kept"] == 0
+
+
+def test_a_dead_api_stops_the_run_with_one_line_and_no_export(fake_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    api = fake_api([(500, {"error": {"message": "down"}}, {}, 0)])
+    export = tmp_path / "rows.json"
+    with pytest.raises(ValueError, match=r"every request of a batch failed after 1 retries each \(InternalServerError: "
+                                         r".*down.*\): the API at http://127.0.0.1:\d+/v1 is not answering"):
+        regenerate(config(tmp_path, api, max_retries=1, export=str(export)), write=lambda *a: None)
+    assert len(api.calls) == 2 * 2 and not export.exists()  # 2 requests, each tried twice, then no more
+
+
+def test_nothing_listening_is_a_non_zero_exit_from_the_command_line(tmp_path):
+    import os
+
+    result = run_script(REPO / "self_instruct.py", "--output_dir", tmp_path / "r", "--base_url",
+                        "http://127.0.0.1:9/v1", "--max_retries", "1", "--request_batch_size", "2",
+                        "--export", tmp_path / "rows.json", env={**os.environ, "OPENAI_API_KEY": "k"}, timeout=120)
+    assert result.returncode == 1 and not (tmp_path / "rows.json").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "self_instruct.py: error: every request of a batch failed after 1 retries each (APIConnectionError")
+
+
+def test_one_request_s_retries_are_capped_in_time(fake_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    api = fake_api([(200, WELL_FORMED, {}, 3.0)])  # every answer comes after the 2 s timeout
+    with pytest.raises(ValueError, match=r"\(RetriesExhausted: no answer in 1 s of attempts\)"):
+        regenerate(config(tmp_path, api, request_batch_size=1, max_retries=5, max_retry_seconds=1.0),
+                   write=lambda *a: None)
+    assert len(api.calls) == 1  # the first attempt was still waiting when the cap ran out
+
+
+def test_an_error_that_echoes_the_key_is_shown_without_it(fake_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-test-key-123")
+    api = fake_api([(400, {"error": {"message": "bad request; headers were Authorization: Bearer "
+                                                "sk-secret-test-key-123"}}, {}, 0)])
+    with pytest.raises(ValueError, match=r"the API refused the request \(400\)") as error:
+        regenerate(config(tmp_path, api, request_batch_size=1), write=lambda *a: None)
+    assert "secret" not in str(error.value) and "[redacted]" in str(error.value)
