@@ -7,12 +7,14 @@ LLaMA's settings (BPE, byte fallback, <unk>=0, <s>=1, </s>=2); the weights are r
 
 import io
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .data import SEED_TASKS, load_rows, validate_rows
+from .model import fast_bf16_available
 from .templates import available_templates, load_template
 
 
@@ -29,6 +31,8 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed of the random weights"})
     pretrain_steps: int = field(default=300, metadata={
         "help": "full-weight steps of next-token training on the rows' plain text, so the base knows some words"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast for the pretraining; default: where bf16 is fast (as finetune.py decides), else fp32"})
 
 
 def build_demo_model(config: DemoConfig) -> Path:
@@ -60,7 +64,8 @@ def build_demo_model(config: DemoConfig) -> Path:
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(model_config)
     texts = ["\n".join(text for text in (row["instruction"], row["input"], row["output"]) if text) for row in rows]
-    _pretrain(model, tokenizer, texts, config.pretrain_steps)
+    bf16 = fast_bf16_available(torch.device("cpu")) if config.bf16 is None else config.bf16
+    _pretrain(model, tokenizer, texts, config.pretrain_steps, bf16)
     model.save_pretrained(output_dir)
     (output_dir / "README.md").write_text(
         "# Demo LLaMA\n\nA tiny LLaMA-architecture model with random weights and a SentencePiece tokenizer trained on "
@@ -87,24 +92,29 @@ def save_llama_tokenizer(folder: Path, sentencepiece_model: bytes):
     return tokenizer
 
 
-def _pretrain(model, tokenizer, texts: list[str], steps: int, sequence_length: int = 128, batch_size: int = 16) -> None:
+def _pretrain(model, tokenizer, texts: list[str], steps: int, bf16: bool, sequence_length: int = 128,
+              batch_size: int = 16, report_seconds: float = 10.0) -> None:
     """A few hundred steps of plain language modelling, so the demo base is a (very small) language model
-    rather than noise, as a real base is: LoRA then has something to adapt."""
+    rather than noise, as a real base is: LoRA then has something to adapt. bf16 only where it is fast: on a
+    CPU without AVX512-BF16 its matmuls run ~60x slower than fp32 (an hour instead of a minute)."""
     if steps == 0:
         return
+    print(f"demo pretraining: {steps} steps in {'bf16' if bf16 else 'fp32'}", flush=True)
     ids = [token for text in texts for token in [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
     sequences = torch.tensor(ids[:len(ids) // sequence_length * sequence_length]).view(-1, sequence_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(0)
     model.train()
+    last_report = time.monotonic()
     for step in range(steps):
         batch = sequences[torch.randint(len(sequences), (batch_size,), generator=generator)]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            print(f"demo pretraining step {step + 1}/{steps}: loss {loss.item():.3f}")
+        if (step + 1) % 50 == 0 or step + 1 == steps or time.monotonic() - last_report > report_seconds:
+            print(f"demo pretraining step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+            last_report = time.monotonic()

@@ -44,10 +44,11 @@ class Sampling:
         return self
 
     def generate_kwargs(self) -> dict:
+        # floats for transformers, which refuses temperature=2 (an int, as OpenAI's API allows) outright
         kwargs = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-                  "repetition_penalty": self.repetition_penalty, "do_sample": self.temperature > 0}
+                  "repetition_penalty": float(self.repetition_penalty), "do_sample": self.temperature > 0}
         if self.temperature > 0:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+            kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k)
         else:  # greedy: say so, or generation_config.json's sampling defaults would apply
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
@@ -102,18 +103,23 @@ class Generator:
         return self.template.prompt(instruction, input)
 
     def answer(self, prompts: list[str], sampling: Sampling, seed: int | None = None, streamer=None,
-               stopping_criteria=None) -> list[Answer]:
-        """Answer a batch: left-padded with an attention mask, so each answer equals the prompt answered alone."""
+               stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()) -> list[Answer]:
+        """Answer a batch: left-padded with an attention mask, so each answer equals the prompt answered alone.
+        Generation ends at EOS, at max_new_tokens, when `stop_event` is set (the caller left), or once the text
+        holds one of the `stop` strings, which is cut off with what follows it (as OpenAI's API does)."""
         ids = [self.prompt_ids(p) for p in prompts]
         width = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=self.device)
+        from transformers import StoppingCriteriaList
+
+        criteria = _StopCriteria(stop_event, stop, self.tokenizer, width)
         with self.lock, torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
-                                         stopping_criteria=stopping_criteria, pad_token_id=pad,
+                                         stopping_criteria=StoppingCriteriaList([criteria]), pad_token_id=pad,
                                          eos_token_id=self.tokenizer.eos_token_id, **sampling.generate_kwargs())
         answers = []
         for row, prompt_ids in enumerate(ids):
@@ -123,43 +129,74 @@ class Generator:
                 new = new[:new.index(self.tokenizer.eos_token_id)]
             while new and new[-1] == pad:
                 new.pop()
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
             # only the new tokens are decoded, so the answer needs no cutting at the response marker
-            answers.append(Answer(text=text.strip(),
-                                  prompt_tokens=len(prompt_ids), completion_tokens=len(new),
-                                  finish_reason="stop" if stopped else "length"))
+            text, cut = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), stop)
+            answers.append(Answer(text=text.strip(), prompt_tokens=len(prompt_ids), completion_tokens=len(new),
+                                  finish_reason="stop" if stopped or cut else "length"))
         return answers
 
-    def stream(self, prompt: str, sampling: Sampling, seed: int | None = None, stop_event=None):
-        """Yield the answer's text as it is generated; the last item is the finished Answer."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    def stream(self, prompt: str, sampling: Sampling, seed: int | None = None,
+               stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()):
+        """Yield the answer's text as it is generated; the last item is the finished Answer. Text that could be
+        the start of a `stop` string is held back until it is known not to be one."""
+        from transformers import TextIteratorStreamer
 
         if sampling.num_beams > 1:
             raise ValueError("num_beams > 1 cannot stream: beam search settles the text only at the end")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop_event is not None and stop_event.is_set()
-
+        stop_event = stop_event or threading.Event()
         result = {}
 
         def run():
             try:
-                result["answer"] = self.answer([prompt], sampling, seed, streamer, StoppingCriteriaList([Stop()]))[0]
+                result["answer"] = self.answer([prompt], sampling, seed, streamer, stop_event, stop)[0]
             except Exception as error:  # surfaced to the caller below
                 result["error"] = error
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        for text in streamer:
-            if text:
-                yield text
+        text, sent, found = "", 0, False
+        held_back = max((len(s) for s in stop), default=1) - 1  # the longest stop string but its last character
+        for piece in streamer:
+            if found:
+                continue  # generation is ending; the rest is not wanted
+            text += piece
+            shown, found = cut_at_stop(text, stop)
+            safe = len(shown) if found else max(sent, len(text) - held_back)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+            if found:
+                stop_event.set()
         thread.join()
         if "error" in result:
             raise result["error"]
+        if not found and sent < len(text):
+            yield text[sent:]  # held back, and no stop string came
         yield result["answer"]
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the first of the `stop` strings, and whether one was found."""
+    found = [text.index(s) for s in stop if s and s in text]
+    return (text[:min(found)], True) if found else (text, False)
+
+
+class _StopCriteria:
+    """transformers' stopping-criteria interface: per row, whether to end generation."""
+
+    def __init__(self, stop_event, stop: tuple[str, ...], tokenizer, prompt_width: int):
+        self.stop_event, self.stop, self.tokenizer, self.prompt_width = stop_event, stop, tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        if self.stop_event is not None and self.stop_event.is_set():
+            return torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+        if not self.stop:
+            return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([cut_at_stop(t, self.stop)[1] for t in texts], device=input_ids.device)
 
 
 def _default_device() -> torch.device:

@@ -11,7 +11,7 @@ from pathlib import Path
 from .data import load_rows, validate_rows
 from .files import append_jsonl, resume_jsonl
 from .generate import Generator, Sampling
-from .server import make_server
+from .server import Server
 
 
 @dataclass
@@ -56,13 +56,13 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
     generator = Generator(config.base_model, config.lora_weights, config.prompt_template, config.load_8bit,
                           config.load_4bit, config.bf16)
     if config.serve:
-        server = make_server(generator, config.server_name, config.port, config.api_key, config.max_tokens_cap, sampling)
-        write(f"serving {generator.name} on http://{config.server_name}:{server.server_address[1]}/ "
+        server = Server(generator, config.server_name, config.port, config.api_key, config.max_tokens_cap, sampling)
+        if not server.loopback and not config.api_key:
+            write(f"warning: serving on {config.server_name} without --api_key: anyone who can reach this machine "
+                  "can use the model")
+        write(f"serving {generator.name} on http://{config.server_name}:{server.port}/ "
               f"(OpenAI API under /v1{', API key required' if config.api_key else ''}); Ctrl-C stops")
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            server.server_close()
+        server.serve()
     elif config.input_file:
         count = answer_file(generator, config.input_file, config.output_file, sampling, config.batch_size, config.seed,
                             progress=write)

@@ -1,26 +1,39 @@
-"""Server: the OpenAI API shape over a Generator, plus a small web page, on the standard library's HTTP server.
+"""Server: the OpenAI API shape over a Generator, plus a small web page, on uvicorn (ASGI) with Starlette.
 
     POST /v1/chat/completions   the last user message is the instruction ("input" is an optional extra field)
     POST /v1/completions        the prompt text as it is, no template
     GET  /v1/models             the one model served
     GET  /                      a page with instruction, input, sampling controls and a streamed answer
 
-Requests are handled on threads but generate one at a time (Generator.lock), so concurrent answers queue
-and never interleave. Every bad request gets a 4xx with an OpenAI-style error body and the server goes on.
+HTTP itself (framing, chunked bodies, keep-alive, a body never read) is uvicorn's and h11's; requests are checked
+against pydantic models. Every bad request gets a 4xx with an OpenAI-style error body and the server goes on.
+Answers are generated one at a time (Generator.lock): concurrent requests queue, at most MAX_WAITING of them,
+and a request whose client has left stops generating. On a loopback address only loopback Host names are
+served, and only JSON bodies are taken, so a web page elsewhere cannot drive a server that has no key.
 """
 
+import asyncio
 import hmac
 import json
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from .generate import Generator, Sampling
 
 PAGE = Path(__file__).resolve().parent / "page.html"
 MAX_BODY_BYTES = 1 << 20
+BODY_SECONDS = 30  # the most a client may take to send its body
+HEADER_SECONDS = 10  # the most a new connection may take to send its first request's headers
+MAX_WAITING = 16  # requests waiting for the model or being answered; more get 503
+MAX_CONNECTIONS = 128
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+Number = StrictFloat | StrictInt
 
 
 class RequestError(Exception):
@@ -29,185 +42,271 @@ class RequestError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def make_server(generator: Generator, host: str, port: int, api_key: str = "", max_tokens_cap: int = 1024,
-                default_sampling: Sampling | None = None) -> ThreadingHTTPServer:
-    """A server bound to host:port (not yet serving: call serve_forever)."""
+# ---- the request bodies: unknown fields are ignored, as OpenAI's API does; types are strict (n: true is no 1) ----
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr
+
+
+class _Sampled(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    num_beams: StrictInt | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    repetition_penalty: Number | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    n: StrictInt = 1
+    stop: StrictStr | list[StrictStr] | None = None
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+    input: StrictStr = ""
+
+
+class CompletionRequest(_Sampled):
+    prompt: StrictStr | list[StrictStr]
+
+
+def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024,
+             default_sampling: Sampling | None = None, loopback_only: bool = True):
+    """The ASGI application."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import iterate_in_threadpool
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
     defaults = default_sampling or Sampling()
+    page = PAGE.read_text().replace("__DEFAULTS__", json.dumps({
+        "temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
+        "num_beams": defaults.num_beams, "max_tokens": defaults.max_new_tokens}))
+    busy = {"requests": 0}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def error_response(error: RequestError) -> Response:
+        return JSONResponse({"error": {"message": error.message, "type": error.kind, "param": error.param,
+                                       "code": None}}, status_code=error.status,
+                            headers={"Retry-After": "5"} if error.status == 503 else None)
 
-        def log_message(self, format, *args):  # quiet: requests are not printed (they may carry secrets)
-            pass
+    async def index(request):
+        return HTMLResponse(page)
 
-        def do_GET(self):
+    async def models(request):
+        _authorize(request, api_key)
+        return JSONResponse({"object": "list", "data": [
+            {"id": generator.name, "object": "model", "created": 0, "owned_by": "alpaca-lora"}]})
+
+    async def completions(request):
+        _authorize(request, api_key)
+        chat = request.url.path == "/v1/chat/completions"
+        body = await _read_json(request)
+        try:
+            parsed = (ChatRequest if chat else CompletionRequest).model_validate(body)
+        except ValidationError as error:
+            first = error.errors()[0]
+            param = str(first["loc"][0]) if first["loc"] else None
+            raise RequestError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+        prompt = _chat_prompt(generator, parsed) if chat else _completion_prompt(parsed)
+        sampling, stop = _sampling(parsed, defaults, max_tokens_cap)
+        prompt_tokens = len(generator.prompt_ids(prompt))
+        if prompt_tokens + sampling.max_new_tokens > generator.context_length:
+            raise RequestError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({sampling.max_new_tokens}) "
+                                    f"exceeds the model's context of {generator.context_length} tokens",
+                               "messages" if chat else "prompt")
+        if parsed.stream and sampling.num_beams > 1:
+            raise RequestError(400, "num_beams > 1 cannot stream: beam search settles the text only at the end; "
+                                    "send stream: false", "num_beams")
+        if busy["requests"] >= MAX_WAITING:
+            raise RequestError(503, f"the server is busy ({MAX_WAITING} requests waiting); retry later",
+                               kind="server_error")
+        busy["requests"] += 1
+        stop_event = threading.Event()
+        if parsed.stream:
+            pieces = iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop))
+            return StreamingResponse(_events(pieces, stop_event, busy, generator.name, chat),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            answer = await _answer_unless_abandoned(request, generator, prompt, sampling, parsed.seed, stop_event,
+                                                    stop)
+        finally:
+            busy["requests"] -= 1
+        return JSONResponse(_completion(generator.name, answer, chat))
+
+    def handled(endpoint):
+        async def run(request):
             try:
-                if self.path in ("/", "/index.html"):
-                    return self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-                self._authorize()
-                if self.path == "/v1/models":
-                    return self._json(200, {"object": "list", "data": [
-                        {"id": generator.name, "object": "model", "created": 0, "owned_by": "alpaca-lora"}]})
-                raise RequestError(404, f"no such endpoint: GET {self.path}", kind="not_found_error")
+                return await endpoint(request)
             except RequestError as error:
-                self._error(error)
-
-        def do_POST(self):
-            try:
-                self._authorize()
-                if self.path not in ("/v1/chat/completions", "/v1/completions"):
-                    raise RequestError(404, f"no such endpoint: POST {self.path}", kind="not_found_error")
-                chat = self.path == "/v1/chat/completions"
-                body = self._body()
-                prompt = _chat_prompt(generator, body) if chat else _completion_prompt(body)
-                sampling, seed = _sampling(body, defaults, max_tokens_cap)
-                prompt_tokens = len(generator.prompt_ids(prompt))
-                if prompt_tokens + sampling.max_new_tokens > generator.context_length:
-                    raise RequestError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens "
-                                            f"({sampling.max_new_tokens}) exceeds the model's context of "
-                                            f"{generator.context_length} tokens", "messages" if chat else "prompt")
-                stream = body.get("stream", False)
-                if not isinstance(stream, bool):
-                    raise RequestError(400, "'stream' must be true or false", "stream")
-                if stream:
-                    if sampling.num_beams > 1:
-                        raise RequestError(400, "num_beams > 1 cannot stream: beam search settles the text only at "
-                                                "the end; send stream: false", "num_beams")
-                    return self._stream(prompt, sampling, seed, chat)
-                answer = generator.answer([prompt], sampling, seed)[0]
-                return self._json(200, _completion(generator.name, answer, chat))
-            except RequestError as error:
-                self._error(error)
+                return error_response(error)
             except ValueError as error:  # a sampling combination the generator refuses
-                self._error(RequestError(400, str(error)))
+                return error_response(RequestError(400, str(error)))
+        return run
 
-        # ---- helpers ----
-        def _authorize(self):
-            if not api_key:
-                return
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                   kind="authentication_error")
+    async def not_found(request, exc):
+        return error_response(RequestError(exc.status_code, f"no such endpoint: {request.method} {request.url.path}",
+                                           kind="not_found_error" if exc.status_code == 404 else "invalid_request_error"))
 
-        def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
+    app = Starlette(routes=[Route("/", index), Route("/index.html", index), Route("/v1/models", handled(models)),
+                            Route("/v1/chat/completions", handled(completions), methods=["POST"]),
+                            Route("/v1/completions", handled(completions), methods=["POST"])],
+                    exception_handlers={404: not_found, 405: not_found})
+
+    async def application(scope, receive, send):
+        if scope["type"] == "http" and loopback_only and _host(scope) not in LOOPBACK_HOSTS:
+            # DNS rebinding: a page on evil.example whose name now points to 127.0.0.1 sends Host: evil.example
+            return await error_response(RequestError(
+                400, f"Host {_host(scope)!r} is not this server's name; call it as http://127.0.0.1:<port>",
+                kind="invalid_request_error"))(scope, receive, send)
+        await app(scope, receive, send)
+    return application
+
+
+def _host(scope) -> str:
+    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+    return host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+
+
+def _authorize(request, api_key: str) -> None:
+    if not api_key:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error")
+
+
+async def _read_json(request) -> dict:
+    """The body as a JSON object: JSON content only (a cross-site form cannot send it without asking), at most
+    MAX_BODY_BYTES, within BODY_SECONDS, no text that is not Unicode."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise RequestError(415, f"Content-Type {content_type or 'none'!r}: send application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    raw = bytearray()
+
+    async def receive():
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > MAX_BODY_BYTES:
                 raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
-            raw = self.rfile.read(length)
-            try:
-                body = json.loads(raw or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(400, f"malformed JSON body: {error}") from None
-            if not isinstance(body, dict):
-                raise RequestError(400, "the body must be a JSON object")
-            return body
-
-        def _stream(self, prompt, sampling, seed, chat):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            completion_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-            stop = threading.Event()
-
-            def event(delta: str | None, finish_reason=None, role=False):
-                if chat:
-                    payload = {"index": 0, "delta": ({"role": "assistant", "content": ""} if role else
-                                                     {"content": delta} if delta is not None else {}),
-                               "finish_reason": finish_reason}
-                    obj = "chat.completion.chunk"
-                else:
-                    payload = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
-                    obj = "text_completion"
-                chunk = {"id": completion_id, "object": obj, "created": created, "model": generator.name,
-                         "choices": [payload]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-
-            try:
-                if chat:
-                    event(None, role=True)
-                started = False
-                for piece in generator.stream(prompt, sampling, seed, stop):
-                    if isinstance(piece, str):
-                        # the first piece may carry the space that separates the answer from the prompt
-                        event(piece.lstrip() if not started else piece)
-                        started = True
-                    else:
-                        event(None, finish_reason=piece.finish_reason)
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating for it
-                stop.set()
-
-        def _json(self, status: int, obj: dict):
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def _send(self, status: int, data: bytes, content_type: str):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, error: RequestError):
-            self._json(error.status, {"error": {"message": error.message, "type": error.kind, "param": error.param,
-                                                "code": None}})
-
-    return ThreadingHTTPServer((host, port), Handler)
+    try:
+        await asyncio.wait_for(receive(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the body took longer than {BODY_SECONDS} s to arrive") from None
+    try:
+        body = json.loads(bytes(raw) or b"null")
+        _check_unicode(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"malformed JSON body: {error}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON body: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
 
 
-def _chat_prompt(generator: Generator, body: dict) -> str:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or \
-                message.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-            raise RequestError(400, "each message needs a role (system, user, assistant) and string content", "messages")
-    users = [m["content"] for m in messages if m["role"] == "user"]
+def _check_unicode(value) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no character: refuse it here, not in the tokenizer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "a lone surrogate (\\ud800-\\udfff) is no character") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_unicode(item)
+
+
+async def _answer_unless_abandoned(request, generator, prompt, sampling, seed, stop_event, stop):
+    """Generate in a worker thread; if the client goes away meanwhile, tell generation to stop."""
+    task = asyncio.ensure_future(asyncio.to_thread(
+        lambda: generator.answer([prompt], sampling, seed, stop_event=stop_event, stop=stop)[0]))
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            stop_event.set()
+    return task.result()
+
+
+async def _events(pieces, stop_event, busy, model_name: str, chat: bool):
+    """Server-sent events of one streamed answer; an error becomes an error event, and [DONE] always ends it."""
+    completion_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+
+    def event(delta: str | None, finish_reason=None, role=False) -> str:
+        if chat:
+            payload = {"index": 0, "delta": ({"role": "assistant", "content": ""} if role else
+                                             {"content": delta} if delta is not None else {}),
+                       "finish_reason": finish_reason}
+        else:
+            payload = {"index": 0, "text": delta or "", "finish_reason": finish_reason, "logprobs": None}
+        chunk = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                 "created": created, "model": model_name, "choices": [payload]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    try:
+        if chat:
+            yield event(None, role=True)
+        started = False
+        async for piece in pieces:
+            if isinstance(piece, str):
+                # the first piece may carry the space that separates the answer from the prompt
+                yield event(piece.lstrip() if not started else piece)
+                started = True
+            else:
+                yield event(None, finish_reason=piece.finish_reason)
+    except Exception as error:  # after the headers went out: say so inside the stream
+        yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+    finally:
+        stop_event.set()  # the client left, or the answer is done: either way generation ends
+        busy["requests"] -= 1
+    yield "data: [DONE]\n\n"
+
+
+def _chat_prompt(generator: Generator, request: ChatRequest) -> str:
+    users = [m.content for m in request.messages if m.role == "user"]
     if not users or not users[-1].strip():
         raise RequestError(400, "no user message with an instruction", "messages")
-    extra_input = body.get("input", "")
-    if not isinstance(extra_input, str):
-        raise RequestError(400, "'input' must be a string", "input")
     # Alpaca is single-turn: the last user message is the instruction
-    return generator.build_prompt(users[-1], extra_input)
+    return generator.build_prompt(users[-1], request.input)
 
 
-def _completion_prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+def _completion_prompt(request: CompletionRequest) -> str:
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
     return prompt
 
 
-def _sampling(body: dict, defaults: Sampling, max_tokens_cap: int) -> tuple[Sampling, int | None]:
-    n = body.get("n", 1)
-    if n != 1:
+def _sampling(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> tuple[Sampling, tuple[str, ...]]:
+    if request.n != 1:
         raise RequestError(400, "only n=1 is supported", "n")
-    values = {"temperature": body.get("temperature", defaults.temperature), "top_p": body.get("top_p", defaults.top_p),
-              "top_k": body.get("top_k", defaults.top_k), "num_beams": body.get("num_beams", defaults.num_beams),
-              "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens", defaults.max_new_tokens)),
-              "repetition_penalty": body.get("repetition_penalty", defaults.repetition_penalty)}
-    names = {"max_new_tokens": "max_tokens"}
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > 4 or not all(stop):
+        raise RequestError(400, "'stop' takes up to 4 non-empty strings", "stop")
+    given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+             "num_beams": request.num_beams, "repetition_penalty": request.repetition_penalty,
+             "max_new_tokens": request.max_completion_tokens if request.max_completion_tokens is not None
+             else request.max_tokens}
+    values = {name: getattr(defaults, name) if value is None else value for name, value in given.items()}
     try:
         sampling = Sampling(**values).validated(max_tokens_cap, prefix="")
     except ValueError as error:
-        message = str(error)
-        for ours, theirs in names.items():
-            message = message.replace(ours, theirs)
-        param = message.split(" ", 1)[0]
-        raise RequestError(400, message, param) from None
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, "'seed' must be an integer", "seed")
-    return sampling, seed
+        message = str(error).replace("max_new_tokens", "max_tokens")
+        raise RequestError(400, message, message.split(" ", 1)[0]) from None
+    return sampling, stop
 
 
 def _completion(model_name: str, answer, chat: bool) -> dict:
@@ -221,3 +320,78 @@ def _completion(model_name: str, answer, chat: bool) -> dict:
     choice = {"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model_name, "choices": [choice], "usage": usage}
+
+
+class Server:
+    """uvicorn serving the app on an address bound at once (port 0 picks a free one: see `port`)."""
+
+    def __init__(self, generator: Generator, host: str, port: int, api_key: str = "", max_tokens_cap: int = 1024,
+                 default_sampling: Sampling | None = None):
+        import uvicorn
+
+        loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+        app = make_app(generator, api_key, max_tokens_cap, default_sampling, loopback_only=loopback)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # IPPROTO_TCP said outright: asyncio turns Nagle's algorithm off only on sockets that say they are TCP, and
+        # with it on, a response's headers and body (two writes) meet the client's delayed ACK: 40 ms per answer
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.socket.bind((host, port))
+        except OSError as error:
+            self.socket.close()
+            raise ValueError(f"--server_name {host} --port {port}: cannot listen there ({error.strerror}); "
+                             "choose another port") from None
+        self.port = self.socket.getsockname()[1]
+        self.loopback = loopback
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
+                                limit_concurrency=MAX_CONNECTIONS, http=_with_header_deadline(),
+                                timeout_graceful_shutdown=2)
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = None
+
+    def serve(self) -> None:
+        """Serve until Ctrl-C (in the main thread) or stop()."""
+        self.uvicorn.run(sockets=[self.socket])
+
+    def start(self) -> "Server":
+        """Serve from a background thread, once it is listening."""
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+        while not self.uvicorn.started and self.thread.is_alive():
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        if self.thread:
+            self.thread.join(timeout=10)
+        self.socket.close()
+
+
+def _with_header_deadline():
+    """uvicorn's h11 protocol, but a connection that has not sent a whole request's headers within
+    HEADER_SECONDS is closed: uvicorn times out idle keep-alive connections only, so half-sent requests
+    (a slow or hostile client) would otherwise stay open for good."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline:
+        def __init__(self, *args, **kwargs):
+            self._protocol = H11Protocol(*args, **kwargs)
+
+        def connection_made(self, transport):
+            self._protocol.connection_made(transport)
+            self._deadline = asyncio.get_running_loop().call_later(HEADER_SECONDS, self._expire, transport)
+
+        def _expire(self, transport):
+            if self._protocol.cycle is None:  # no request has got as far as its headers
+                transport.close()
+
+        def connection_lost(self, exc):
+            self._deadline.cancel()
+            self._protocol.connection_lost(exc)
+
+        def __getattr__(self, name):  # data_received, eof_received, pause_writing, ...: the protocol's own
+            return getattr(self._protocol, name)
+
+    return HeaderDeadline

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from alpaca_lora.generate import Generator, Sampling
-from alpaca_lora.server import make_server
+from alpaca_lora.server import Server
 
 KEY = "test-key-123"
 
@@ -21,13 +21,10 @@ def generator(tiny_adapter):
 
 @pytest.fixture(scope="module")
 def server(generator):
-    httpd = make_server(generator, "127.0.0.1", 0, api_key=KEY, max_tokens_cap=64,
-                        default_sampling=Sampling(temperature=0.0, max_new_tokens=16))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    running = Server(generator, "127.0.0.1", 0, api_key=KEY, max_tokens_cap=64,
+                     default_sampling=Sampling(temperature=0.0, max_new_tokens=16)).start()
+    yield f"http://127.0.0.1:{running.port}"
+    running.stop()
 
 
 @pytest.fixture
@@ -110,7 +107,7 @@ def test_malformed_json_and_unknown_paths(server):
     # unknown fields are ignored
     request = urllib.request.Request(server + "/v1/completions", method="POST",
                                      data=json.dumps({"prompt": "Hi", "max_tokens": 3, "logit_bias": {}, "user": "u"}).encode(),
-                                     headers={"Authorization": f"Bearer {KEY}"})
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert json.loads(urllib.request.urlopen(request).read())["object"] == "text_completion"
 
 
@@ -171,3 +168,222 @@ def test_the_page_streams_an_answer_in_headless_chromium(server, client, tmp_pat
     expected = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}],
                                               temperature=0, max_tokens=12).choices[0].message.content
     assert shown.strip() == expected.strip() and expected
+
+
+# ---- probes: what a hostile or unlucky client sends (issue: 43 of 175 fault and attack probes) ----
+
+def _address(server):
+    host, port = server.rsplit("//", 1)[1].split(":")
+    return host, int(port)
+
+
+def _raw(server, data: bytes, wait: float = 3.0) -> bytes:
+    """Send bytes as they are; everything the server answers until it closes or `wait` s pass in silence."""
+    import socket
+
+    with socket.create_connection(_address(server), timeout=wait) as connection:
+        connection.sendall(data)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def _post(path: str, body: bytes, key: str = KEY, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_a_body_length_that_is_negative_or_too_large_is_refused_unread(server):
+    for length in ("-1", "abc"):
+        reply = _raw(server, f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+                             f"Content-Type: application/json\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 400"), reply[:100]
+    reply = _raw(server, f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {10 ** 9}\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 413") and b"request body over 1048576 bytes" in reply
+
+
+def test_a_refused_request_s_body_is_never_read_as_the_next_request(server):
+    smuggled = f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    reply = _raw(server, _post("/v1/chat/completions", smuggled, key="wrong"))
+    assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 401"), reply
+    chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\n"
+               b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + f"{len(smuggled):x}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n")
+    reply = _raw(server, chunked)
+    assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 401"), reply
+
+
+def test_a_page_elsewhere_cannot_drive_a_local_server(server):
+    host, port = _address(server)
+    rebound = _raw(server, f"GET /v1/models HTTP/1.1\r\nHost: evil.example:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+                           f"\r\n".encode())
+    assert rebound.startswith(b"HTTP/1.1 400") and b"is not this server's name" in rebound
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+    form = _raw(server, _post("/v1/completions", body).replace(b"application/json", b"text/plain"))
+    assert form.startswith(b"HTTP/1.1 415") and b"send application/json" in form
+
+
+def test_binding_beyond_loopback_without_a_key_is_warned_about(tiny_adapter, monkeypatch):
+    from alpaca_lora import generate_cli
+
+    monkeypatch.setattr(generate_cli.Server, "serve", lambda self: self.socket.close())
+    said = []
+    generate_cli.run_generate(generate_cli.GenerateConfig(lora_weights=str(tiny_adapter), serve=True,
+                                                          server_name="0.0.0.0", port=0, bf16=False), write=said.append)
+    assert said[0].startswith("warning: serving on 0.0.0.0 without --api_key")
+
+
+@pytest.fixture
+def slow_generator(generator, monkeypatch):
+    """Answers that take until the request's stop event is set (or 10 s), recording each event."""
+    from alpaca_lora.generate import Answer
+
+    events = []
+
+    def answer(prompts, sampling, seed=None, streamer=None, stop_event=None, stop=()):
+        events.append(stop_event)
+        stop_event.wait(10)
+        return [Answer("late", 1, 1, "stop")]
+    monkeypatch.setattr(generator, "answer", answer)
+    return events
+
+
+def test_an_abandoned_request_stops_generating(server, slow_generator, capfd):
+    import time
+
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
+    _raw(server, _post("/v1/chat/completions", body), wait=0.5)  # sends, waits half a second, hangs up
+    deadline = time.time() + 5
+    while not (slow_generator and slow_generator[0].is_set()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert slow_generator and slow_generator[0].is_set()  # the server told generation to stop
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_queue_is_bounded(server, slow_generator, monkeypatch):
+    import socket
+    import time
+
+    from alpaca_lora import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_WAITING", 2)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
+    waiting = [socket.create_connection(_address(server)) for _ in range(2)]
+    for connection in waiting:
+        connection.sendall(_post("/v1/chat/completions", body))
+    while len(slow_generator) < 1:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    third = _raw(server, _post("/v1/chat/completions", body), wait=2)
+    assert third.startswith(b"HTTP/1.1 503") and b"the server is busy" in third and b"retry-after: 5" in third.lower()
+    for connection in waiting:
+        connection.close()
+
+
+def test_a_half_sent_request_is_closed(server, monkeypatch):
+    import socket
+    import time
+
+    started = time.time()
+    with socket.create_connection(_address(server), timeout=30) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing more
+        assert connection.recv(1024) == b""  # the server hung up
+    assert time.time() - started < 20  # HEADER_SECONDS, not forever
+
+
+def test_a_body_that_never_comes_gets_408(server, monkeypatch):
+    from alpaca_lora import server as server_module
+
+    monkeypatch.setattr(server_module, "BODY_SECONDS", 1)
+    reply = _raw(server, _post("/v1/completions", b"")[:-4].replace(b"Content-Length: 0", b"Content-Length: 50")
+                 + b"\r\n\r\n{", wait=4)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+
+
+def test_an_error_mid_stream_is_an_error_event_then_done(server, generator, monkeypatch):
+    def failing_stream(prompt, sampling, seed=None, stop_event=None, stop=()):
+        yield "Once"
+        raise RuntimeError("the GPU fell over")
+    monkeypatch.setattr(generator, "stream", failing_stream)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    reply = _raw(server, _post("/v1/chat/completions", body)).decode()
+    events = [line[6:] for line in reply.split("\r\n\r\n", 1)[1].splitlines() if line.startswith("data: ")]
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Once"
+    assert json.loads(events[-2])["error"]["message"] == "the GPU fell over" and events[-1] == "[DONE]"
+    assert reply.count("HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"prompt": "\\ud800", "max_tokens": 2}', "a lone surrogate"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+])
+def test_text_that_is_no_text_and_json_too_deep_are_400s(server, body, message):
+    reply = _raw(server, _post("/v1/completions", body))
+    assert reply.startswith(b"HTTP/1.1 400") and message.encode() in reply
+
+
+def test_openai_s_parameters_mean_what_they_mean_there(client, generator):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert client.chat.completions.create(model="x", messages=messages, temperature=2, max_tokens=4)  # an int
+    whole = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=16)
+    text = whole.choices[0].message.content
+    stop = text.split()[1] if len(text.split()) > 1 else text[1:3]
+    cut = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == text[:text.index(stop)].strip() and cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=16, stop=stop,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed).strip() == cut.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="x", messages=messages, extra_body={"n": True})
+    assert error.value.body["param"] == "n"
+
+
+def test_keep_alive_answers_are_not_held_back(server):
+    import http.client
+    import time
+
+    host, port = _address(server)
+    connection = http.client.HTTPConnection(host, port)
+    times = []
+    for _ in range(6):
+        started = time.perf_counter()
+        connection.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert connection.getresponse().read()
+        times.append(time.perf_counter() - started)
+    connection.close()
+    assert sorted(times[1:])[2] < 0.03  # the median on a reused connection; Nagle + delayed ACK cost 40 ms each
+
+
+def test_twenty_streams_with_hang_ups_leave_memory_flat_and_answers_right(server, client):
+    import socket
+    import threading
+
+    def resident_mb():
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    expected = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=16)
+    body = json.dumps({"messages": messages, "temperature": 0, "max_tokens": 16, "stream": True}).encode()
+
+    def one(i):
+        with socket.create_connection(_address(server), timeout=60) as connection:
+            connection.sendall(_post("/v1/chat/completions", body))
+            connection.recv(1024 if i % 2 else 65536)  # half hang up after the first bytes
+            if i % 2 == 0:
+                while connection.recv(65536):
+                    pass
+    for round_ in range(2):
+        before = resident_mb() if round_ else None
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert resident_mb() - before < 50  # the second round of 20 added nothing that stays
+    again = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=16)
+    assert again.choices[0].message.content == expected.choices[0].message.content
