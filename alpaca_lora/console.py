@@ -24,7 +24,20 @@ def _fire_command(config_cls, run, summary: str):
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
         for f in fields])
     command.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {f.name}: {f.metadata.get('help', '')}\n" for f in fields)
+    command.help_text = lambda prog: _help_text(prog, summary, fields)
     return command
+
+
+def _help_text(prog: str, summary: str, fields) -> str:
+    """Every flag with its type, its whole default and its help (fire's own help cuts defaults at 72 columns and
+    calls a flag that may be left out for auto `Optional[bool | None]`)."""
+    lines = [f"{prog}: {summary}", "", f"usage: {prog} --flag value ...", "", "flags:"]
+    for f in fields:
+        kind = getattr(f.type, "__name__", str(f.type)).replace("object", "names, e.g. '[q_proj,v_proj]'")
+        kind = "bool, or left out for auto" if kind == "bool | None" else kind.replace(" | None", ", or left out")
+        lines += [f"  --{f.name}={f.name.upper()}", f"      {f.metadata.get('help', '')}",
+                  f"      Type: {kind}.  Default: {f.default!r}"]
+    return "\n".join(lines)
 
 
 def _run(prog: str, config_cls, run, summary: str) -> None:
@@ -36,6 +49,9 @@ def _fire(prog: str, component, argv=None) -> None:
 
     _quiet_library_notices()
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(component, "help_text") and ("--help" in argv or "-h" in argv):
+        print(component.help_text(prog))
+        return
     try:
         check_flags(prog, component, argv)
         fire.Fire(component, command=argv, name=prog)
@@ -65,7 +81,9 @@ def check_flags(prog: str, component, argv: list[str]) -> None:
         if word in ("-h", "--help"):
             follows_flag = False
             continue
-        if word.startswith("--"):
+        if word.startswith("-") and not word.startswith("--") and len(word) == 2:  # fire's -x short flags
+            follows_flag = True
+        elif word.startswith("--"):
             name = word[2:].split("=", 1)[0].replace("-", "_")
             if name not in names and not (name.startswith("no") and name[2:] in names):
                 close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)

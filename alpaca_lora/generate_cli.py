@@ -64,8 +64,12 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
               f"(OpenAI API under /v1{', API key required' if config.api_key else ''}); Ctrl-C stops")
         server.serve()
     elif config.input_file:
-        count = answer_file(generator, config.input_file, config.output_file, sampling, config.batch_size, config.seed,
-                            progress=write)
+        try:
+            count = answer_file(generator, config.input_file, config.output_file, sampling, config.batch_size,
+                                config.seed, progress=write)
+        except KeyboardInterrupt:  # Ctrl-C: every finished batch is already in the file
+            write(f"stopped: the rows answered so far are in {config.output_file}; the same command resumes")
+            return
         write(f"answered {count} rows into {config.output_file}")
     elif config.instruction:
         _stream_answer(generator, generator.build_prompt(config.instruction, config.input), sampling, config.seed, write)

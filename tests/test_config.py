@@ -62,3 +62,22 @@ def test_flags_may_be_spelled_as_fire_takes_them():
     for argv in (["--load_4bit", "--lora_r", "16"], ["--noload_4bit"], ["--lora-r=4"], ["--load_4bit", "False"],
                  ["--help"], ["--lora_r", "4", "--", "--interactive"]):
         check_flags("finetune.py", command, argv)
+
+
+def test_help_shows_whole_defaults_and_plain_types():
+    text = run_script(REPO / "finetune.py", "--help").stdout
+    assert "Default: '~/.cache/alpaca-lora/tokenized'" in text and "Optional[" not in text
+    assert "--load_8bit=LOAD_8BIT\n      8-bit base weights" in text and "Type: bool, or left out for auto." in text
+    loss_help = run_script(REPO / "evaluate.py", "loss", "--help")
+    loss_help = loss_help.stdout + loss_help.stderr  # fire writes its help to stderr when it has no pager
+    assert "--lora_weights" in loss_help and "--write" not in loss_help
+
+
+def test_an_os_error_is_one_line_naming_the_file(capsys):
+    from alpaca_lora.console import _fire
+
+    def full_disk():
+        raise OSError(28, "No space left on device", "/data/out/adapter_model.safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        _fire("finetune.py", full_disk, [])
+    assert exit_info.value.code == "finetune.py: error: /data/out/adapter_model.safetensors: No space left on device"

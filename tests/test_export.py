@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,16 @@ def test_a_damaged_adapter_is_named_by_export_and_generate(tiny_adapter, tmp_pat
         Generator(lora_weights=str(damaged), bf16=False, device="cpu")
     result = run_script(REPO / "generate.py", "--lora_weights", damaged, "--instruction", "hi")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"generate.py: error: {message}")
+
+
+def test_a_full_disk_leaves_no_half_export(tiny_adapter, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def disk_full(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(folder))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        export(ExportConfig(lora_weights=str(tiny_adapter), output_dir=str(tmp_path / "out")), write=quiet)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder

@@ -147,3 +147,17 @@ def test_a_base_model_that_moved_is_named_with_the_file_that_named_it(tiny_adapt
     with pytest.raises(ValueError, match=rf"--lora_weights {moved}: its training_summary.json names the base model "
                                          rf"{tmp_path}/gone, which is not there any more; pass --base_model"):
         Generator(lora_weights=str(moved), bf16=False, device="cpu")
+
+
+def test_ctrl_c_in_a_batch_file_says_where_the_answers_are(tiny_adapter, tmp_path, monkeypatch):
+    from alpaca_lora import generate_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(generate_cli, "Generator", lambda *args: None)
+    monkeypatch.setattr(generate_cli, "answer_file", interrupted)
+    (tmp_path / "in.json").write_text("[]")
+    said = []
+    generate_cli.run_generate(generate_cli.GenerateConfig(input_file=str(tmp_path / "in.json"),
+                                                          output_file=str(tmp_path / "out.jsonl")), write=said.append)
+    assert said == [f"stopped: the rows answered so far are in {tmp_path / 'out.jsonl'}; the same command resumes"]

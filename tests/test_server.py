@@ -297,9 +297,9 @@ def test_a_half_sent_request_is_closed(server, monkeypatch):
 
 
 def test_a_body_that_never_comes_gets_408(server, monkeypatch):
-    from alpaca_lora import server as server_module
+    from alpaca_lora import openai_schema
 
-    monkeypatch.setattr(server_module, "BODY_SECONDS", 1)
+    monkeypatch.setattr(openai_schema, "BODY_SECONDS", 1)
     reply = _raw(server, _post("/v1/completions", b"")[:-4].replace(b"Content-Length: 0", b"Content-Length: 50")
                  + b"\r\n\r\n{", wait=4)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]

@@ -1,0 +1,162 @@
+"""The OpenAI API's shapes: request bodies read and checked (pydantic models, strict types), the prompt and sampling
+they ask for, and the JSON of an answer. Errors are RequestErrors, which the server turns into OpenAI-style bodies.
+Unknown fields are ignored, as OpenAI's API does.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from .generate import Generator, Sampling
+
+MAX_BODY_BYTES = 1 << 20
+BODY_SECONDS = 30  # the most a client may take to send its body
+Number = StrictFloat | StrictInt
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+# ---- the request bodies: unknown fields are ignored, as OpenAI's API does; types are strict (n: true is no 1) ----
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr
+
+
+class _Sampled(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: StrictInt | None = None
+    num_beams: StrictInt | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    repetition_penalty: Number | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    n: StrictInt = 1
+    stop: StrictStr | list[StrictStr] | None = None
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+    input: StrictStr = ""
+
+
+class CompletionRequest(_Sampled):
+    prompt: StrictStr | list[StrictStr]
+
+
+def parse_request(body: dict, chat: bool) -> "ChatRequest | CompletionRequest":
+    try:
+        return (ChatRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise RequestError(400, f"{param}: {first['msg']}" if param else first["msg"], param) from None
+
+
+async def read_json_body(request) -> dict:
+    """The body as a JSON object: JSON content only (a cross-site form cannot send it without asking), at most
+    MAX_BODY_BYTES, within BODY_SECONDS, no text that is not Unicode."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise RequestError(415, f"Content-Type {content_type or 'none'!r}: send application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    raw = bytearray()
+
+    async def receive():
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        await asyncio.wait_for(receive(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the body took longer than {BODY_SECONDS} s to arrive") from None
+    try:
+        body = json.loads(bytes(raw) or b"null")
+        check_unicode(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestError(400, f"malformed JSON body: {error}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON body: nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the body must be a JSON object")
+    return body
+
+
+def check_unicode(value) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no character: refuse it here, not in the tokenizer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "a lone surrogate (\\ud800-\\udfff) is no character") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key)
+            check_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_unicode(item)
+
+
+def chat_prompt(generator: Generator, request: ChatRequest) -> str:
+    users = [m.content for m in request.messages if m.role == "user"]
+    if not users or not users[-1].strip():
+        raise RequestError(400, "no user message with an instruction", "messages")
+    # Alpaca is single-turn: the last user message is the instruction
+    return generator.build_prompt(users[-1], request.input)
+
+
+def completion_prompt(request: CompletionRequest) -> str:
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
+    return prompt
+
+
+def sampling_of(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> tuple[Sampling, tuple[str, ...]]:
+    if request.n != 1:
+        raise RequestError(400, "only n=1 is supported", "n")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > 4 or not all(stop):
+        raise RequestError(400, "'stop' takes up to 4 non-empty strings", "stop")
+    given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+             "num_beams": request.num_beams, "repetition_penalty": request.repetition_penalty,
+             "max_new_tokens": request.max_completion_tokens if request.max_completion_tokens is not None
+             else request.max_tokens}
+    values = {name: getattr(defaults, name) if value is None else value for name, value in given.items()}
+    try:
+        sampling = Sampling(**values).validated(max_tokens_cap, prefix="")
+    except ValueError as error:
+        message = str(error).replace("max_new_tokens", "max_tokens")
+        raise RequestError(400, message, message.split(" ", 1)[0]) from None
+    return sampling, stop
+
+
+def completion_body(model_name: str, answer, chat: bool) -> dict:
+    usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                  "finish_reason": answer.finish_reason}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice], "usage": usage}
+    choice = {"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name, "choices": [choice], "usage": usage}
