@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoints import PREFIX as CHECKPOINT_PREFIX
 from .files import write_text_atomically
 
 SUMMARY_FILE = "training_summary.json"
@@ -27,7 +28,6 @@ VALIDATION_FILE = "validation_rows.json"
 MODEL_CARD_FILE = "README.md"
 FINISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", SUMMARY_FILE, MODEL_CARD_FILE, VALIDATION_FILE)
 LOCK_FILE = ".alpaca-lora.lock"
-CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints.py writes them; a run that is not continuing them replaces them
 PUBLISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", MODEL_CARD_FILE, SUMMARY_FILE)  # W&B artifact
 
 

@@ -74,12 +74,12 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         if busy["requests"] >= MAX_WAITING:
             raise RequestError(503, f"the server is busy ({MAX_WAITING} requests waiting); retry later",
                                kind="server_error")
-        busy["requests"] += 1
         stop_event = threading.Event()
-        if parsed.stream:
+        if parsed.stream:  # counted while its events are produced (a client gone before the first one costs nothing)
             pieces = iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop))
             return StreamingResponse(_events(pieces, stop_event, busy, generator.name, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        busy["requests"] += 1
         try:
             answer = await _answer_unless_abandoned(request, generator, prompt, sampling, parsed.seed, stop_event,
                                                     stop)
@@ -156,6 +156,7 @@ async def _events(pieces, stop_event, busy, model_name: str, chat: bool):
                  "created": created, "model": model_name, "choices": [payload]}
         return f"data: {json.dumps(chunk)}\n\n"
 
+    busy["requests"] += 1
     try:
         if chat:
             yield event(None, role=True)
