@@ -55,7 +55,7 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int
     import openai
 
     from alpaca_lora.generate import Generator, Sampling
-    from alpaca_lora.server import make_server
+    from alpaca_lora.server import Server
 
     generator = Generator(lora_weights=str(adapter), device="cpu")
     parameters = sum(p.numel() for p in generator.model.parameters())
@@ -69,9 +69,8 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int
         seconds = time.perf_counter() - started
         result["batches"][batch_size] = sum(a.completion_tokens for a in answers) / seconds
         print(f"  batch {batch_size}: {result['batches'][batch_size]:.1f} new tokens/s", flush=True)
-    server = make_server(generator, "127.0.0.1", 0, default_sampling=sampling)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none", max_retries=0,
+    server = Server(generator, "127.0.0.1", 0, default_sampling=sampling).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
                            timeout=600)
     tokens = [0] * clients
 
@@ -87,7 +86,7 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int
     result["server_clients"] = clients
     result["server_tokens_per_second"] = sum(tokens) / (time.perf_counter() - started)
     print(f"  server, {clients} concurrent clients: {result['server_tokens_per_second']:.1f} new tokens/s", flush=True)
-    server.shutdown()
+    server.stop()
     return result
 
 
