@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import PREFIX as CHECKPOINT_PREFIX
+from .errors import first_line
 from .files import write_text_atomically
 
 SUMMARY_FILE = "training_summary.json"
@@ -125,7 +126,7 @@ def check_adapter_weights(folder: Path, flag: str) -> None:
             for name in weights.keys():
                 weights.get_tensor(name)
     except Exception as error:  # safetensors raises its own SafetensorError, and OSError for an unreadable file
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"{flag} {folder}: adapter_model.safetensors is damaged or cut short ({reason}); "
                          "copy it again or retrain") from None
 

@@ -10,6 +10,8 @@ import asyncio
 import re
 from dataclasses import dataclass, field
 
+from .errors import first_line
+
 # US dollars per 1,000 tokens (input, output), from the providers' price pages; --price_per_1k_* overrides.
 PRICES_PER_1K = {
     "gpt-4o-mini": (0.00015, 0.0006),
@@ -138,9 +140,9 @@ class Client:
         failures = [r for r in results if isinstance(r, BaseException)]
         if results and len(failures) == len(results):
             last = failures[-1]
-            reason = self.redact(str(last).strip().splitlines()[0][:200] if str(last).strip() else "")
+            reason = self.redact(first_line(last))
             raise FatalAPIError(f"every request of a batch failed after {self.max_retries} retries each "
-                                f"({type(last).__name__}{': ' + reason if reason else ''}): the API at "
+                                f"({type(last).__name__}: {reason}): the API at "
                                 f"{self.base_url or 'api.openai.com'} is not answering; what was done so far is kept, "
                                 "and a rerun resumes")
 

@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .errors import first_line
+
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 # flags whose change would make the resumed run a different run (other examples, order, shapes or model)
@@ -59,7 +61,7 @@ def save_checkpoint(folder: Path, model, accelerator, step: int, arguments: dict
                 shutil.rmtree(old)
     except (OSError, RuntimeError) as error:  # a full disk: torch.save says so in a RuntimeError
         shutil.rmtree(staging, ignore_errors=True)
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0][:200]
+        reason = getattr(error, "strerror", None) or first_line(error)
         raise ValueError(f"--output_dir {folder.parent}: could not write {folder.name} ({reason}); free some space "
                          f"or choose another folder, then resume from the newest checkpoint") from None
 
@@ -96,7 +98,7 @@ def load_checkpoint(folder: Path, model, accelerator, arguments: dict, data_sha2
     try:
         accelerator.load_state(folder)
     except Exception as error:  # pickle, torch and OS errors: a damaged optimizer.bin or scheduler.bin
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"--resume_from_checkpoint {folder}: its optimizer or scheduler state cannot be read "
                          f"({reason}); resume from another checkpoint") from None
     return state["step"]
@@ -120,7 +122,7 @@ def _check_loads_as_plain_data(path: Path) -> None:
     try:
         load(path)
     except Exception as error:  # an UnpicklingError for anything but plain data
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"--resume_from_checkpoint {path.parent}: {path.name} is not plain saved state and is not "
                          f"loaded ({reason}); resume from a checkpoint this program wrote") from None
 
@@ -133,7 +135,7 @@ def load_adapter_weights(model, folder: Path) -> None:
         weights = load_file(folder / "adapter_model.safetensors")
     except Exception as error:  # safetensors' own error for a truncated or damaged file, OSError
         raise ValueError(f"--resume_from_checkpoint {folder}: adapter_model.safetensors is damaged or cut short "
-                         f"({str(error).strip()[:200]})") from None
+                         f"({first_line(error)})") from None
     result = set_peft_model_state_dict(model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:

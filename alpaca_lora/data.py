@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import first_line
 from .files import staged
 from .templates import shipped_folder
 
@@ -125,10 +126,10 @@ def _load_hub_dataset(dataset_id: str) -> tuple[list, str]:
     try:
         dataset = datasets.load_dataset(dataset_id, split="train")
     except Exception as error:  # offline, unknown id, gated: datasets raises many kinds
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ValueError(
             f"--data_path {dataset_id!r}: not a local file, and loading it from the Hugging Face hub failed "
-            f"({reason[:200]}); download it and pass the local .json/.jsonl file"
+            f"({reason}); download it and pass the local .json/.jsonl file"
         ) from None
     return dataset.to_list(), dataset._fingerprint
 

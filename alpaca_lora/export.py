@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .files import staged
 from .adapter_folder import AdapterDescription, arguments_table, describe_adapter
+from .errors import first_line
+from .files import staged
 from .llama_layout import meta_state_dict, meta_to_hf_rotary
 from .model import load_model
 
@@ -69,7 +70,7 @@ def export(config: ExportConfig, write=print) -> dict:
         peft_model = PeftModel.from_pretrained(base, config.lora_weights)
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"--lora_weights {config.lora_weights}: does not fit --base_model {base_model} "
-                         f"({str(error).strip().splitlines()[0][:200]}); pass the base it was trained on") from None
+                         f"({first_line(error)}); pass the base it was trained on") from None
     report = {"base_model": base_model, "trained_on": trained_on}
     if trained_on in ("8bit", "4bit"):
         report["quantized"] = _compare_quantized_merges(base_model, config, trained_on, peft_model, probe, write)

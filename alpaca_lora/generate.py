@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .adapter_folder import describe_adapter
+from .errors import first_line
 from .model import fast_bf16_available, load_model, load_tokenizer
 from .templates import load_template
 
@@ -86,9 +87,8 @@ class Generator:
             try:
                 model = PeftModel.from_pretrained(model, lora_weights)
             except (RuntimeError, ValueError, KeyError) as error:
-                first = str(error).strip().splitlines()[0][:200]
-                raise ValueError(f"--lora_weights {lora_weights}: does not fit --base_model {base_model} ({first}); "
-                                 "pass the base model the adapter was trained on") from None
+                raise ValueError(f"--lora_weights {lora_weights}: does not fit --base_model {base_model} "
+                                 f"({first_line(error)}); pass the base model the adapter was trained on") from None
         self.model = model.eval()
         self.name = Path(lora_weights).name if lora_weights else Path(base_model).name
         self.context_length = getattr(model.config, "max_position_embeddings", 2048)

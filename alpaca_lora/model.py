@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -34,8 +36,8 @@ def check_base_model(base_model: str) -> None:
 
 
 def _loading_error(base_model: str, what: str, error: Exception) -> ValueError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(f"--base_model {base_model}: could not load its {what} ({reason[:200]}); "
+    reason = first_line(error)
+    return ValueError(f"--base_model {base_model}: could not load its {what} ({reason}); "
                       "pass a local folder holding a LLaMA-family model, or a hub id reachable from here")
 
 
@@ -180,6 +182,6 @@ def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules, us
     try:
         return get_peft_model(model, config)
     except ValueError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"--lora_target_modules {target_modules}: {first_line[:300]}; "
+        reason = first_line(error)
+        raise ValueError(f"--lora_target_modules {target_modules}: {reason}; "
                          "name linear layers of the model (e.g. q_proj,v_proj) or pass all-linear") from None
