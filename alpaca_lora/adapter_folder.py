@@ -2,7 +2,8 @@
 
     adapter_model.safetensors, adapter_config.json   peft's own save (written last: a folder without them is
                                                       not finished)
-    tokenizer files                                   the tokenizer trained with, pad token included
+    tokenizer files                                   the tokenizer trained with, pad token and chat template included
+    generation_config.json                            the tokens that end an answer (EOS and the end-of-turn marker)
     training_summary.json                             a TrainingSummary: base model, template, flags, data, results
     validation_rows.json                              the rows held out, for `evaluate.py loss`
     README.md                                         the model card, made from the summary
@@ -27,7 +28,8 @@ from .files import write_text_atomically
 SUMMARY_FILE = "training_summary.json"
 VALIDATION_FILE = "validation_rows.json"
 MODEL_CARD_FILE = "README.md"
-FINISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", SUMMARY_FILE, MODEL_CARD_FILE, VALIDATION_FILE)
+FINISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", SUMMARY_FILE, MODEL_CARD_FILE, VALIDATION_FILE,
+                  "generation_config.json")
 LOCK_FILE = ".alpaca-lora.lock"
 PUBLISHED_FILES = ("adapter_model.safetensors", "adapter_config.json", MODEL_CARD_FILE, SUMMARY_FILE)  # W&B artifact
 
@@ -49,7 +51,7 @@ class DataSummary:
 @dataclass
 class TrainingSummary:
     base_model: str
-    prompt_template: dict  # PromptTemplate.to_dict(): the template itself, not only its name
+    prompt_template: dict | None  # PromptTemplate.to_dict() (the template itself) where Alpaca rows trained without a chat template
     arguments: dict  # every TrainConfig field as validated, plus world_size
     data: DataSummary
     precision: str  # "8bit", "4bit", "bf16" or "fp32"
@@ -65,6 +67,7 @@ class TrainingSummary:
     train_seconds: float
     wall_seconds: float
     versions: dict
+    chat_template: dict | None = None  # ChatTemplate.to_dict(): its name and Jinja source, where one was used
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,8 +81,9 @@ class TrainingSummary:
 class AdapterDescription:
     folder: Path
     base_model: str
-    prompt_template: str | None  # the template's name; None for an adapter made elsewhere
+    prompt_template: str | None  # the Alpaca template's name; None for a chat adapter or one made elsewhere
     summary: TrainingSummary | None  # None for an adapter made elsewhere (peft's files only)
+    chat_template: dict | None = None  # {name, source} of the chat template trained with
 
     def base_model_or(self, base_model: str) -> str:
         """--base_model if given, else the base this adapter names, which must still be where it was."""
@@ -110,7 +114,8 @@ def describe_adapter(lora_weights: str) -> AdapterDescription:
     except (TypeError, KeyError):
         raise ValueError(f"--lora_weights {lora_weights}: {SUMMARY_FILE} is not a training summary this version "
                          "reads; retrain, or remove the file and pass --base_model and --prompt_template") from None
-    return AdapterDescription(folder, summary.base_model, summary.prompt_template["name"], summary)
+    return AdapterDescription(folder, summary.base_model, (summary.prompt_template or {}).get("name"), summary,
+                              summary.chat_template)
 
 
 def check_adapter_weights(folder: Path, flag: str) -> None:
@@ -178,10 +183,17 @@ def claim_output_dir(output_dir: str, overwrite: bool, resume_checkpoint: Path |
     return path, lock
 
 
-def save_adapter(output_dir: Path, model, tokenizer, summary: TrainingSummary, validation_rows: list[dict]) -> None:
+def save_adapter(output_dir: Path, model, tokenizer, summary: TrainingSummary, validation_rows: list[dict],
+                 stop_token_ids: list[int]) -> None:
     """Everything the folder holds; the weights go last (through a staging folder beside them), so a folder
     interrupted while saving has no adapter_model.safetensors and does not look finished."""
+    from transformers import GenerationConfig
+
+    if summary.chat_template:  # the tokenizer files carry the template trained with (chat_template.jinja)
+        tokenizer.chat_template = summary.chat_template["source"]
     tokenizer.save_pretrained(output_dir)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop_token_ids,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(output_dir)
     if validation_rows:
         write_text_atomically(output_dir / VALIDATION_FILE, json.dumps(validation_rows, indent=1, ensure_ascii=False))
     write_text_atomically(output_dir / SUMMARY_FILE, json.dumps(summary.to_dict(), indent=2))
@@ -197,6 +209,13 @@ def arguments_table(arguments: dict) -> str:
     return "| flag | value |\n| --- | --- |\n" + "\n".join(f"| `{k}` | `{v}` |" for k, v in arguments.items())
 
 
+def _prompt_format(summary: TrainingSummary) -> str:
+    if summary.chat_template:
+        return (f"chat template `{summary.chat_template['name']}` (in this folder's tokenizer files: "
+                "`tokenizer.apply_chat_template` renders prompts exactly as in training)")
+    return f"Alpaca prompt template `{summary.prompt_template['name']}`"
+
+
 def model_card(summary: TrainingSummary) -> str:
     """The README.md of an adapter folder: what it is, how it was made, and what it must not be used for."""
     data, val, gpu = summary.data, summary.final_validation_loss, summary.gpu_memory_mb
@@ -210,9 +229,8 @@ license: other
 
 # LoRA adapter for {summary.base_model}
 
-An instruction-following LoRA adapter trained with alpaca-lora on Alpaca-format data, prompt template
-`{summary.prompt_template['name']}`. Load it with `peft.PeftModel.from_pretrained(base, this_folder)`, or
-`python generate.py --lora_weights this_folder`.
+An instruction-following LoRA adapter trained with alpaca-lora, {_prompt_format(summary)}. Load it with
+`peft.PeftModel.from_pretrained(base, this_folder)`, or `python generate.py --lora_weights this_folder`.
 
 ## Data
 - source: `{data.path}` (sha256 `{data.sha256}`)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat_template import check_chat_template_name
 from .templates import load_template
 
 WANDB_WATCH_CHOICES = ("", "false", "gradients", "parameters", "all")
@@ -19,9 +20,11 @@ WANDB_WATCH_CHOICES = ("", "false", "gradients", "parameters", "all")
 class TrainConfig:
     """Every flag of finetune.py, with its default: the one place defaults live."""
 
-    base_model: str = field(default="", metadata={"help": "hub id or local folder of a LLaMA-family model (required)"})
+    base_model: str = field(default="", metadata={
+        "help": "hub id or local folder of a causal LM (LLaMA 1/2/3, Mistral, Qwen, Gemma, Phi, ...) (required)"})
     data_path: str = field(default="yahma/alpaca-cleaned", metadata={
-        "help": "Alpaca-format .json list or .jsonl file (self-instruct seed tasks too), or a dataset hub id"})
+        "help": "a .json list or .jsonl file of Alpaca rows (self-instruct seed tasks too) or of conversations "
+                "({messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}), or a dataset hub id"})
     output_dir: str = field(default="./lora-alpaca", metadata={"help": "where the adapter and checkpoints go"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "train into an --output_dir that holds a finished adapter or another run's checkpoints, replacing them"})
@@ -40,8 +43,9 @@ class TrainConfig:
     fast_lora_dropout: bool = field(default=True, metadata={
         "help": "LoRA dropout from 16-bit random draws with a bool mask, input left in the autocast dtype (3x faster "
                 "than peft's on a CPU, less memory; p rounded to 1/65536); False: peft's nn.Dropout"})
-    lora_target_modules: object = field(default=("q_proj", "v_proj"), metadata={
-        "help": "linear layers to adapt, e.g. '[q_proj,v_proj]', or all-linear"})
+    lora_target_modules: object = field(default=None, metadata={
+        "help": "linear layers to adapt, e.g. '[q_proj,v_proj]', or all-linear; default: q_proj,v_proj, or the fused "
+                "qkv_proj where the model has one (Phi-3)"})
     train_on_inputs: bool = field(default=False, metadata={
         "help": "also train on the prompt tokens (default: loss on the response only)"})
     add_eos_token: bool = field(default=False, metadata={
@@ -54,7 +58,12 @@ class TrainConfig:
     resume_from_checkpoint: str = field(default="", metadata={
         "help": "a checkpoint-N folder to resume exactly, or an adapter folder to start from its weights"})
     prompt_template_name: str = field(default="alpaca", metadata={
-        "help": "template in templates/ (alpaca, alpaca_legacy, alpaca_short) or a template .json path"})
+        "help": "Alpaca prompt template in templates/ (alpaca, alpaca_legacy, alpaca_short) or a template .json path; "
+                "used for Alpaca rows when no --chat_template is given"})
+    chat_template: str = field(default="", metadata={
+        "help": "chat template: tokenizer (the base tokenizer's own), alpaca, chatml, gemma, llama3, mistral, phi3, or a "
+                ".jinja path; default: the tokenizer's own for conversation data, none (--prompt_template_name) for "
+                "Alpaca rows"})
     load_8bit: bool | None = field(default=None, metadata={
         "help": "8-bit base weights (bitsandbytes); default: on with a CUDA GPU, off otherwise"})
     load_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (QLoRA)"})
@@ -90,7 +99,7 @@ class TrainConfig:
             raise ValueError("--base_model is required: a hub id or a local model folder")
         if Path(c.base_model).expanduser().exists():  # recorded absolute: the adapter must find it from anywhere
             c.base_model = str(Path(c.base_model).expanduser().resolve())
-        for name in ("data_path", "output_dir", "prompt_template_name", "wandb_project", "wandb_run_name",
+        for name in ("data_path", "output_dir", "prompt_template_name", "chat_template", "wandb_project", "wandb_run_name",
                      "resume_from_checkpoint", "lr_scheduler", "tokenized_cache_dir"):
             setattr(c, name, "" if getattr(c, name) in (None, False) else str(getattr(c, name)))
         for name, minimum in (("batch_size", 1), ("micro_batch_size", 1), ("num_epochs", 1), ("cutoff_len", 2),
@@ -129,11 +138,15 @@ class TrainConfig:
         if c.lr_scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"--lr_scheduler {c.lr_scheduler!r}: use linear, cosine or constant")
         load_template(c.prompt_template_name)  # an unknown template fails here, before any loading
+        check_chat_template_name(c.chat_template)
         return c
 
 
-def _target_modules(value) -> list[str] | str:
-    """'[q_proj,v_proj]', 'q_proj,v_proj', a list or 'all-linear' -> what peft's LoraConfig takes."""
+def _target_modules(value) -> list[str] | str | None:
+    """'[q_proj,v_proj]', 'q_proj,v_proj', a list or 'all-linear' -> what peft's LoraConfig takes; None (the default)
+    stays None: model.py picks per model."""
+    if value is None or value == "":
+        return None
     if isinstance(value, str):
         if value.strip() == "all-linear":
             return "all-linear"

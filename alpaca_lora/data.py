@@ -1,16 +1,20 @@
-"""Data: Alpaca rows -> validated rows -> token ids with response-only targets.
+"""Data: rows -> validated rows -> token ids with targets on what the model says and nothing else.
 
 Follow one row: `load_rows` reads `{instruction, input, output}` (or a self-instruct seed task, whose
-instances each become a row), `validate_rows` checks its fields, `tokenize_rows` builds
+instances each become a row, or a conversation: conversations.py), `validate_rows` checks its fields,
+`tokenize_rows` builds
 
     input_ids = [BOS] + prompt tokens + response tokens + [EOS]
     targets   = the token that should follow each input position, -100 where no loss is taken
 
-The prompt and the response are tokenized separately and concatenated, so the boundary between the
-masked prompt and the trained response cannot shift (tokenizing the joined text and counting the
-prompt's tokens, as Stanford's train.py does, is off by one whenever a token spans the boundary).
-Targets are stored already shifted by one, so examples can be laid end to end (packing) without a
-label leaking across an example boundary.
+With an Alpaca prompt template, the prompt and the response are tokenized separately and concatenated, so
+the boundary between the masked prompt and the trained response cannot shift (tokenizing the joined text and
+counting the prompt's tokens, as Stanford's train.py does, is off by one whenever a token spans the boundary).
+With a chat template, the whole rendered conversation is tokenized at once (the ids any inference engine makes
+of it) and a token is trained when it starts inside an assistant message or its end-of-turn marker
+(chat_template.py finds those spans); where a token would straddle a span's edge, the text is tokenized in
+pieces split there, so the mask stays exact. Targets are stored already shifted by one, so examples can be laid
+end to end (packing) without a label leaking across an example boundary.
 
 Batching (which examples share a forward pass, padded or packed) is batching.py's job.
 """
@@ -23,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat_template import ChatTemplate, bos_ids, render_conversation
+from .conversations import ALPACA, conversation_of, conversation_problem, row_shape
 from .errors import first_line
-from .files import staged
 from .templates import shipped_folder
 
 IGNORE_INDEX = -100  # cross_entropy's ignore_index: positions that take no loss
@@ -156,6 +161,8 @@ def row_problem(row) -> str | None:
         return row.problem
     if not isinstance(row, dict):
         return f"expected an object with instruction/input/output, got {type(row).__name__}"
+    if row_shape(row) not in (ALPACA, None):
+        return conversation_problem(row)
     instruction = row.get("instruction")
     if not isinstance(instruction, str):
         return "'instruction' is missing" if instruction is None else f"'instruction' is not a string ({type(instruction).__name__})"
@@ -169,29 +176,65 @@ def row_problem(row) -> str | None:
     return None
 
 
-def validate_rows(loaded: LoadedRows, skip_bad_rows: bool) -> tuple[list[dict], int]:
-    """The good rows and how many bad ones were dropped; bad rows are an error unless skipped."""
-    problems = [(number, row_problem(row)) for row, number in zip(loaded.rows, loaded.row_numbers)]
+def validate_rows(loaded: LoadedRows, skip_bad_rows: bool, check=None) -> tuple[list[dict], int]:
+    """The good rows and how many bad ones were dropped; bad rows are an error unless skipped. Rows are Alpaca rows
+    {instruction, input, output} or conversations {messages: [{role, content}]}, one shape per file. `check`, given
+    a good row, may name one more problem (a chat template refusing it)."""
+    _check_one_shape(loaded)
+    problems = [(number, row_problem(row) or (check and check(_normalised(row))))
+                for row, number in zip(loaded.rows, loaded.row_numbers)]
     bad = [(number, problem) for number, problem in problems if problem]
     if bad and not skip_bad_rows:
         listed = "; ".join(f"row {number}: {problem}" for number, problem in bad[:MAX_LISTED_BAD_ROWS])
         more = f" (and {len(bad) - MAX_LISTED_BAD_ROWS} more)" if len(bad) > MAX_LISTED_BAD_ROWS else ""
         raise ValueError(f"{loaded.source}: {len(bad)} bad row(s) of {len(problems)}: {listed}{more}; "
                          "fix them or pass --skip_bad_rows to drop them")
-    good = [{"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
-            for row, (_, problem) in zip(loaded.rows, problems) if not problem]
+    good = [_normalised(row) for row, (_, problem) in zip(loaded.rows, problems) if not problem]
     if not good:
-        raise ValueError(f"--data_path {loaded.source}: no usable rows; it needs Alpaca rows {{instruction, input, output}}")
+        raise ValueError(f"--data_path {loaded.source}: no usable rows; it needs Alpaca rows {{instruction, input, output}} "
+                         "or conversations {messages: [{role, content}, ...]}")
     return good, len(bad)
 
 
+def _normalised(row: dict) -> dict:
+    if row_shape(row) == ALPACA:
+        return {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+    return {"messages": conversation_of(row)}
+
+
+def _check_one_shape(loaded: LoadedRows) -> None:
+    """A file that mixes Alpaca rows and conversations is an error naming the first row of each shape."""
+    first = {}
+    for row, number in zip(loaded.rows, loaded.row_numbers):
+        first.setdefault(row_shape(row), number)
+    first.pop(None, None)
+    if len(first) > 1:
+        listed = ", ".join(f"row {number} is {shape}" for shape, number in sorted(first.items(), key=lambda s: s[1]))
+        raise ValueError(f"--data_path {loaded.source}: mixes row shapes ({listed}); use one shape per file")
+
+
+def is_conversation(rows: list[dict]) -> bool:
+    return bool(rows) and "messages" in rows[0]
+
+
+def rendering_problem(template: ChatTemplate, tokenizer):
+    """A `check` for validate_rows: why `template` cannot render a row exactly, or None."""
+    def problem(row: dict) -> str | None:
+        try:
+            render_conversation(template, tokenizer, conversation_of(row))
+        except ValueError as error:
+            return str(error)
+        return None
+    return problem
+
+
 def duplicate_rows(rows: list[dict]) -> int:
-    """How many rows repeat an earlier row exactly (instruction, input and output)."""
+    """How many rows repeat an earlier row exactly (every field, every message)."""
     return len(rows) - len({_row_key(row) for row in rows})
 
 
-def _row_key(row: dict) -> tuple:
-    return row["instruction"], row["input"], row["output"]
+def _row_key(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False, sort_keys=True)
 
 
 def split_rows(rows: list[dict], val_set_size: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -212,20 +255,15 @@ def split_rows(rows: list[dict], val_set_size: int, seed: int) -> tuple[list[dic
 
 
 def tokenize_rows(rows: list[dict], tokenizer, template, cutoff_len: int, train_on_inputs: bool) -> TokenizedSet:
-    """Token ids and shifted targets for every row; prompt and response tokenized separately, in batches."""
+    """Token ids and shifted targets for every row, in batches. `template` is a PromptTemplate (Alpaca rows) or a
+    ChatTemplate (conversations, and Alpaca rows as one-turn conversations)."""
     if not rows:  # e.g. the validation split with val_set_size 0
         return TokenizedSet(examples=[], num_truncated=0, num_without_targets=0, num_fitting=0)
-    prompts = [template.prompt(row["instruction"], row["input"]) for row in rows]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([row["output"] for row in rows], add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenize = _conversation_tokens if isinstance(template, ChatTemplate) else _prompt_response_tokens
     examples, num_truncated, num_without_targets = [], 0, 0
-    for prompt, response in zip(prompt_ids, response_ids):
-        prompt = ([bos] if bos is not None else []) + prompt
-        response = response + [eos]  # every example that fits ends with EOS, so the model learns to stop
-        input_ids = prompt + response
-        # labels[i] is what input position i is trained to be; the prompt is masked unless train_on_inputs.
-        labels = input_ids[:] if train_on_inputs else [IGNORE_INDEX] * len(prompt) + response
+    for input_ids, trained in tokenize(rows, tokenizer, template):
+        # labels[i] is what input position i is trained to be; only the model's own words, unless train_on_inputs
+        labels = input_ids[:] if train_on_inputs else [t if keep else IGNORE_INDEX for t, keep in zip(input_ids, trained)]
         truncated = len(input_ids) > cutoff_len
         if truncated:  # the tail is cut, EOS with it: the model must not learn to stop mid-answer
             input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
@@ -241,49 +279,41 @@ def tokenize_rows(rows: list[dict], tokenizer, template, cutoff_len: int, train_
                         num_fitting=len(rows) - num_truncated)
 
 
-def tokenize_rows_cached(rows: list[dict], tokenizer, template, cutoff_len: int, train_on_inputs: bool,
-                         cache_dir: str | None) -> TokenizedSet:
-    """tokenize_rows, remembered on disk under a key of everything that decides the result: the rows
-    themselves, the tokenizer's full definition, the template, cutoff_len and train_on_inputs. A second
-    run on the same data starts training in seconds. `cache_dir` None or "" turns the cache off."""
-    if not cache_dir:
-        return tokenize_rows(rows, tokenizer, template, cutoff_len, train_on_inputs)
-    key = hashlib.sha256()
-    key.update(json.dumps(rows, ensure_ascii=False).encode())
-    key.update(tokenizer.backend_tokenizer.to_str().encode())
-    key.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, template.to_dict(), cutoff_len,
-                           train_on_inputs, CACHE_FORMAT]).encode())
-    path = Path(cache_dir).expanduser() / f"{key.hexdigest()}.npz"
-    if path.is_file():
-        return _read_tokenized(path)
-    tokenized = tokenize_rows(rows, tokenizer, template, cutoff_len, train_on_inputs)
-    try:
-        _write_tokenized(path, tokenized)
-    except OSError:  # a read-only or full cache is no reason to stop training
-        pass
-    return tokenized
+def _prompt_response_tokens(rows: list[dict], tokenizer, template):
+    """[BOS] + prompt + response + [EOS] per Alpaca row, prompt and response tokenized separately; the response and
+    EOS are trained. Every example that fits ends with EOS, so the model learns to stop."""
+    prompts = [template.prompt(row["instruction"], row["input"]) for row in rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([row["output"] for row in rows], add_special_tokens=False)["input_ids"]
+    for prompt, response in zip(prompt_ids, response_ids):
+        prompt = bos_ids(tokenizer) + prompt
+        response = response + [tokenizer.eos_token_id]
+        yield prompt + response, [False] * len(prompt) + [True] * len(response)
 
 
-CACHE_FORMAT = 1  # bump when the meaning of a cached file changes
+def _conversation_tokens(rows: list[dict], tokenizer, template):
+    """[BOS, where the text has none and the model wants one] + the rendered conversation's tokens; a token is
+    trained when it starts inside an assistant message or its end-of-turn marker."""
+    rendered = [render_conversation(template, tokenizer, conversation_of(row)) for row in rows]
+    encoded = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    for conversation, ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+        starts, ends = np.array(offsets, dtype=np.int64).reshape(-1, 2).T
+        edges = sorted({edge for span in conversation.spans for edge in span})
+        straddled = [edge for edge in edges if np.any((starts < edge) & (edge < ends))]
+        if straddled:  # a token across a span's edge: tokenize the pieces on either side of each such edge apart
+            ids, starts = _tokenize_in_pieces(tokenizer, conversation.text, straddled)
+        trained = np.zeros(len(ids), dtype=bool)
+        for start, end in conversation.spans:
+            trained |= (starts >= start) & (starts < end)
+        bos = bos_ids(tokenizer, conversation.text)
+        yield bos + list(ids), [False] * len(bos) + trained.tolist()
 
 
-def _write_tokenized(path: Path, tokenized: TokenizedSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lengths = [len(e.input_ids) for e in tokenized.examples]
-    with staged(path) as staging:  # readers see a whole file or none
-        np.savez(staging, lengths=np.array(lengths, dtype=np.int64),
-                 input_ids=np.concatenate([e.input_ids for e in tokenized.examples] or [np.zeros(0, np.int32)]),
-                 targets=np.concatenate([e.targets for e in tokenized.examples] or [np.zeros(0, np.int32)]),
-                 truncated=np.array([e.truncated for e in tokenized.examples], dtype=bool),
-                 counts=np.array([tokenized.num_truncated, tokenized.num_without_targets, tokenized.num_fitting]))
-
-
-def _read_tokenized(path: Path) -> TokenizedSet:
-    with np.load(path) as saved:
-        ends = np.cumsum(saved["lengths"])
-        input_ids, targets = np.split(saved["input_ids"], ends[:-1]), np.split(saved["targets"], ends[:-1])
-        examples = [Example(input_ids=i, targets=t, truncated=bool(c))  # views of the two arrays read
-                    for i, t, c in zip(input_ids, targets, saved["truncated"])] if len(ends) else []
-        num_truncated, num_without_targets, num_fitting = (int(n) for n in saved["counts"])
-    return TokenizedSet(examples=examples, num_truncated=num_truncated, num_without_targets=num_without_targets,
-                        num_fitting=num_fitting)
+def _tokenize_in_pieces(tokenizer, text: str, cuts: list[int]) -> tuple[list[int], np.ndarray]:
+    """The ids of `text` tokenized piece by piece, cut at `cuts`, and where each token starts in `text`."""
+    ids, starts = [], []
+    for start, end in zip([0] + cuts, cuts + [len(text)]):
+        piece = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        ids += piece["input_ids"]
+        starts += [a + start for a, _ in piece["offset_mapping"]]
+    return ids, np.array(starts, dtype=np.int64)

@@ -1,8 +1,11 @@
-"""Demo: a tiny LLaMA-architecture model with its own SentencePiece tokenizer, built here in seconds.
+"""Demo: a tiny model of a chosen family with its own SentencePiece tokenizer, built here in seconds.
 
 The README's first command and the tests train on it, so the whole recipe runs on a CPU with no
 download. The tokenizer is trained on the project's own seed tasks (data/seed_tasks.jsonl) with
-LLaMA's settings (BPE, byte fallback, <unk>=0, <s>=1, </s>=2); the weights are random.
+LLaMA's settings (BPE, byte fallback, <unk>=0, <s>=1, </s>=2), plus the special tokens of the family's chat
+template (`<|im_start|>`, `<end_of_turn>`, ...); the weights are random, then briefly pretrained. Every family but
+`llama` (LLaMA 1/2, trained on Alpaca prompts) gets its chat template in its tokenizer, so conversation data
+needs no --chat_template.
 """
 
 import io
@@ -13,14 +16,31 @@ from pathlib import Path
 
 import torch
 
+from .chat_template import TEMPLATES_DIR
 from .data import SEED_TASKS, load_rows, validate_rows
 from .model import fast_bf16_available
 from .templates import available_templates, load_template
 
 
+# family -> (transformers config class, its settings, the shipped chat template, that template's special tokens)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}, None, []),
+    "llama3": ("LlamaConfig", {"tie_word_embeddings": True}, "llama3",
+               ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "mistral": ("MistralConfig", {"sliding_window": 256}, "mistral", []),
+    # no qwen2: transformers loads any tokenizer beside a Qwen2 config as Qwen2's byte-level BPE, which a
+    # SentencePiece vocabulary is not (the tests build tiny Qwen2 models with Qwen2's real vocabulary instead)
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True}, "chatml", ["<|im_start|>", "<|im_end|>"]),
+    "gemma2": ("Gemma2Config", {"sliding_window": 256}, "gemma", ["<start_of_turn>", "<end_of_turn>"]),
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": 256}, "gemma", ["<start_of_turn>", "<end_of_turn>"]),
+    "phi3": ("Phi3Config", {}, "phi3", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+}
+
+
 @dataclass
 class DemoConfig:
     output_dir: str = field(default="./demo-llama", metadata={"help": "folder for the model and tokenizer"})
+    family: str = field(default="llama", metadata={"help": "architecture: " + ", ".join(FAMILIES)})
     data_path: str = field(default=str(SEED_TASKS), metadata={"help": "Alpaca-format text to train the tokenizer on"})
     vocab_size: int = field(default=1024, metadata={"help": "SentencePiece vocabulary size"})
     hidden_size: int = field(default=128, metadata={"help": "model width"})
@@ -38,8 +58,12 @@ class DemoConfig:
 def build_demo_model(config: DemoConfig) -> Path:
     """Train the tokenizer, initialise the model, save both as a Hugging Face folder; returns the folder."""
     import sentencepiece as spm
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
 
+    if config.family not in FAMILIES:
+        raise ValueError(f"--family {config.family!r}: use one of {', '.join(FAMILIES)}")
+    config_class, settings, chat_template, special_tokens = FAMILIES[config.family]
     loaded = load_rows(config.data_path)
     rows, _ = validate_rows(loaded, skip_bad_rows=True)
     templates = [load_template(name) for name in available_templates()]
@@ -52,42 +76,49 @@ def build_demo_model(config: DemoConfig) -> Path:
         model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, character_coverage=1.0,
-        num_threads=1, minloglevel=2)
+        user_defined_symbols=special_tokens, num_threads=1, minloglevel=2)
     output_dir = Path(config.output_dir).expanduser()
-    tokenizer = save_llama_tokenizer(output_dir, model_file.getvalue())
+    tokenizer = save_llama_tokenizer(output_dir, model_file.getvalue(), special_tokens,
+                                     chat_template and (TEMPLATES_DIR / f"{chat_template}.jinja").read_text())
 
-    model_config = LlamaConfig(
+    model_config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        head_dim=config.hidden_size // config.num_attention_heads, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.unk_token_id,
+        **{"tie_word_embeddings": False, **settings})
     torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(model_config)
+    model = AutoModelForCausalLM.from_config(model_config)
     texts = ["\n".join(text for text in (row["instruction"], row["input"], row["output"]) if text) for row in rows]
     bf16 = fast_bf16_available(torch.device("cpu")) if config.bf16 is None else config.bf16
     _pretrain(model, tokenizer, texts, config.pretrain_steps, bf16)
     model.save_pretrained(output_dir)
     (output_dir / "README.md").write_text(
-        "# Demo LLaMA\n\nA tiny LLaMA-architecture model with random weights and a SentencePiece tokenizer trained on "
-        "alpaca-lora's seed tasks, made by `make_demo_model.py` to try the fine-tuning recipe on a CPU. "
+        f"# Demo {config.family}\n\nA tiny {config_class[:-len('Config')]}-architecture model with random weights "
+        "and a SentencePiece tokenizer trained on alpaca-lora's seed tasks, made by `make_demo_model.py` to try the "
+        f"fine-tuning recipe on a CPU{f'; chat template `{chat_template}`' if chat_template else ''}. "
         "It knows nothing: it exists to exercise the code.\n")
     print(f"demo model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"vocabulary {len(tokenizer)}, saved to {output_dir}")
     return output_dir
 
 
-def save_llama_tokenizer(folder: Path, sentencepiece_model: bytes):
+def save_llama_tokenizer(folder: Path, sentencepiece_model: bytes, special_tokens: list[str] = (),
+                         chat_template: str | None = None):
     """A LLaMA tokenizer folder from a SentencePiece model's bytes: tokenizer.model, its config, and the fast
-    tokenizer.json converted from it. Loading a folder is the reliable way: LlamaTokenizer(vocab_file=...)
-    silently yields a 3-token vocabulary in transformers 5."""
+    tokenizer.json converted from it; `special_tokens` (pieces of the model) marked special, and a chat template.
+    Loading a folder is the reliable way: LlamaTokenizer(vocab_file=...) silently yields a 3-token vocabulary in
+    transformers 5."""
     from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_bytes(sentencepiece_model)
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False}))
+        "pad_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "extra_special_tokens": list(special_tokens)}))
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     return tokenizer
 

@@ -1,6 +1,7 @@
 """Evaluate: held-out loss, and Alpaca's own test — blind pairwise comparison against reference answers.
 
-    loss    response-only loss and perplexity of base + adapter on Alpaca rows
+    loss    response-only loss and perplexity of base + adapter on Alpaca rows or conversations (the adapter's
+            template, loss on the assistant turns as in training)
     answer  the adapter's answers to an evaluation file (generate.py's batch mode: resumable)
     judge   each instruction's two answers shown, in a seeded random order, to a judge model (any
             OpenAI-compatible endpoint) or to a person at the terminal; verdicts cached per pair so a rerun
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .api import Client, FatalAPIError, make_spend
-from .data import load_rows, tokenize_rows, validate_rows
+from .data import is_conversation, load_rows, rendering_problem, tokenize_rows, validate_rows
 from .files import append_jsonl, resume_jsonl, write_text_atomically
 from .batching import PassLayout
 from .evaluation import evaluate_loss
@@ -49,16 +50,23 @@ Verdict: tie"""
 
 def heldout_loss(lora_weights: str = "", data_path: str = "", base_model: str = "", cutoff_len: int = 512,
                  micro_batch_size: int = 4, bf16: bool | None = None, write=print) -> dict:
-    """Mean loss per response token (and its perplexity) of base + adapter on Alpaca-format rows,
-    e.g. the validation_rows.json that training held out."""
+    """Mean loss per response token (and its perplexity) of base + adapter on Alpaca rows or conversations, e.g. the
+    validation_rows.json that training held out; rendered with the adapter's chat template where it has one."""
     from accelerate import Accelerator
 
     if not data_path:
         raise ValueError("--data_path is required: Alpaca rows, e.g. the adapter folder's validation_rows.json")
 
     generator = Generator(base_model, lora_weights, "", bf16=bf16)  # device chosen as everywhere: CUDA, MPS, CPU
-    rows, _ = validate_rows(load_rows(data_path), skip_bad_rows=False)
-    tokenized = tokenize_rows(rows, generator.tokenizer, generator.template, cutoff_len, train_on_inputs=False)
+    loaded = load_rows(data_path)
+    rows, _ = validate_rows(loaded, skip_bad_rows=False)
+    if is_conversation(rows) and generator.chat_template is None:
+        raise ValueError(f"--data_path {data_path}: holds conversations, and the adapter was trained without a chat "
+                         "template; evaluate it on Alpaca rows")
+    template = generator.chat_template or generator.template
+    if generator.chat_template:  # a row the template refuses is named, as in training
+        rows, _ = validate_rows(loaded, False, rendering_problem(generator.chat_template, generator.tokenizer))
+    tokenized = tokenize_rows(rows, generator.tokenizer, template, cutoff_len, train_on_inputs=False)
     # packed rows of up to cutoff_len tokens: the same loss as padded rows (tests/test_packing.py), less padding
     layout = PassLayout(rows_per_pass=micro_batch_size, row_length=cutoff_len, packing=True)
     model = generator.model

@@ -63,7 +63,9 @@ def export(config: ExportConfig, write=print) -> dict:
     from transformers import AutoTokenizer
 
     base = load_model(base_model, None, False, cpu)  # full precision, fp32
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    # the adapter folder's tokenizer is the one trained with: its pad token and chat template travel into the export
+    trained_tokenizer = (Path(config.lora_weights).expanduser() / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(config.lora_weights if trained_tokenizer else base_model)
     probe = _probe_ids(tokenizer)
     base_logits = _logits(base, probe)
     try:
@@ -158,6 +160,11 @@ def _export_hf(merged, tokenizer, config: ExportConfig, adapter: AdapterDescript
 
     target = Path(config.output_dir).expanduser()
     dtype = DTYPES[config.dtype]
+    generation_config = Path(config.lora_weights).expanduser() / "generation_config.json"
+    if generation_config.is_file():  # the tokens that end an answer: EOS and the chat template's end-of-turn marker
+        from transformers import GenerationConfig
+
+        merged.generation_config = GenerationConfig.from_pretrained(generation_config.parent)
     with staged(target) as staging:
         merged.to(dtype).save_pretrained(staging, max_shard_size=config.max_shard_size)  # GGUF/Meta use the fp32 copy
         tokenizer.save_pretrained(staging)
@@ -263,6 +270,14 @@ def _export_meta(model_config, state: dict, base_model: str, config: ExportConfi
     return {"tensors": len(weights), "max_abs_difference_q": worst}
 
 
+def _prompting(adapter: AdapterDescription) -> str:
+    if adapter.chat_template:
+        return (f"prompt it with `tokenizer.apply_chat_template` (this folder's tokenizer carries the chat template "
+                f"`{adapter.chat_template['name']}` it was trained with; generation stops at the ids in "
+                "generation_config.json)")
+    return f"prompt it with the `{adapter.prompt_template or 'alpaca'}` template"
+
+
 def _model_card(config: ExportConfig, adapter: AdapterDescription, base: str, check: dict) -> str:
     summary = adapter.summary
     data = json.dumps(dataclasses.asdict(summary.data), indent=1) if summary else "unknown (no training summary)"
@@ -276,7 +291,7 @@ license: other
 
 The adapter `{config.lora_weights}` merged into `{base}` by alpaca-lora's `export_hf.py`, saved as {config.dtype}.
 {'' if not adapter.base_model or _same_model(base, adapter.base_model) else f"**The adapter was trained on `{adapter.base_model}`, not on `{base}`**: this merge is not the model that was trained."}
-Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; prompt it with the `{adapter.prompt_template or 'alpaca'}` template.
+Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; {_prompting(adapter)}.
 
 ## Verification
 On a probe prompt the merged model's logits are within {check['max_abs_difference']:.3g} of base + adapter (allowed

@@ -1,7 +1,9 @@
-"""Generate: answer instructions with a base model + LoRA adapter, one prompt at a time or in batches.
+"""Generate: answer instructions and conversations with a base model + LoRA adapter, one prompt at a time or in batches.
 
-Prompts are built with the same template and the same token layout as training ([BOS] + prompt tokens),
-so the model sees at inference exactly what it was trained on. The adapter folder describes itself
+Prompts are built with the same template and the same token layout as training: with a chat template, the
+conversation's text up to where the answer starts (chat_template.prompt_text) and BOS exactly once; with an
+Alpaca template, [BOS] + the prompt's tokens. The model sees at inference exactly what it was trained on, and
+stops at the template's end-of-turn token as well as at EOS. The adapter folder describes itself
 (training_summary.json names the base model and the template), so `lora_weights` alone is enough.
 """
 
@@ -12,8 +14,10 @@ from pathlib import Path
 import torch
 
 from .adapter_folder import describe_adapter
+from .chat_template import ChatTemplate, bos_ids, end_of_turn_ids, load_chat_template, prompt_text
+from .conversations import user_message
 from .errors import first_line
-from .model import fast_bf16_available, load_model, load_tokenizer
+from .model import fast_bf16_available, load_model, load_tokenizer, set_pad_token
 from .templates import load_template
 
 
@@ -64,10 +68,11 @@ class Answer:
 
 
 class Generator:
-    """A loaded model, its tokenizer and template; answers lists of prompts."""
+    """A loaded model, its tokenizer and template; answers lists of prompts (token ids)."""
 
     def __init__(self, base_model: str = "", lora_weights: str = "", prompt_template: str = "",
-                 load_8bit: bool = False, load_4bit: bool = False, bf16: bool | None = None, device: str = ""):
+                 load_8bit: bool = False, load_4bit: bool = False, bf16: bool | None = None, device: str = "",
+                 chat_template: str = ""):
         adapter = describe_adapter(lora_weights) if lora_weights else None
         base_model = adapter.base_model_or(base_model) if adapter else base_model
         if not base_model:
@@ -75,9 +80,15 @@ class Generator:
         self.device = torch.device(device) if device else _default_device()
         use_bf16 = fast_bf16_available(self.device) if bf16 is None else bf16
         self.template = load_template(prompt_template or (adapter and adapter.prompt_template) or "alpaca")
-        # the adapter folder carries the tokenizer it was trained with (pad token included)
+        # the adapter folder carries the tokenizer it was trained with (pad token and chat template included)
         self.tokenizer = load_tokenizer(lora_weights if lora_weights and (Path(lora_weights) / "tokenizer_config.json").exists()
                                         else base_model)
+        # --chat_template, else the one the adapter was trained with, else none: Alpaca prompts (self.template)
+        self.chat_template = (load_chat_template(chat_template, self.tokenizer) if chat_template
+                              else ChatTemplate(**adapter.chat_template) if adapter and adapter.chat_template else None)
+        self.stop_ids = ([self.tokenizer.eos_token_id] if self.chat_template is None
+                         else end_of_turn_ids(self.chat_template, self.tokenizer))
+        set_pad_token(self.tokenizer, self.stop_ids, base_model)
         quantization = "4bit" if load_4bit else "8bit" if load_8bit else None
         model = load_model(base_model, quantization, use_bf16, self.device)
         model.config.use_cache = True  # load_model sets it off for training; generation needs the KV cache
@@ -94,20 +105,31 @@ class Generator:
         self.context_length = getattr(model.config, "max_position_embeddings", 2048)
         self.lock = threading.Lock()  # one generation at a time: concurrent callers queue, never interleave
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Exactly the training layout: [BOS] + the prompt's tokens, nothing appended."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def text_ids(self, text: str) -> list[int]:
+        """A raw prompt as training lays out text: BOS exactly once, then the text's tokens, nothing appended."""
+        return bos_ids(self.tokenizer, text) + self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def build_prompt(self, instruction: str, input: str = "") -> str:
-        return self.template.prompt(instruction, input)
+    def instruction_ids(self, instruction: str, input: str = "") -> list[int]:
+        """An instruction (and its optional input): a one-turn conversation under a chat template, else the Alpaca
+        template's prompt."""
+        if self.chat_template:
+            return self.conversation_ids([{"role": "user", "content": user_message(instruction, input)}])
+        return self.text_ids(self.template.prompt(instruction, input))
 
-    def answer(self, prompts: list[str], sampling: Sampling, seed: int | None = None, streamer=None,
+    def conversation_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt for the answer to `messages` (ending with a user message), rendered as training rendered it.
+        Without a chat template (an Alpaca adapter), the last user message is the instruction."""
+        if self.chat_template is None:
+            return self.instruction_ids([m["content"] for m in messages if m["role"] == "user"][-1])
+        return self.text_ids(prompt_text(self.chat_template, self.tokenizer, messages))
+
+    def answer(self, prompts: list[list[int]], sampling: Sampling, seed: int | None = None, streamer=None,
                stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()) -> list[Answer]:
-        """Answer a batch: left-padded with an attention mask, so each answer equals the prompt answered alone.
-        Generation ends at EOS, at max_new_tokens, when `stop_event` is set (the caller left), or once the text
-        holds one of the `stop` strings, which is cut off with what follows it (as OpenAI's API does)."""
-        ids = [self.prompt_ids(p) for p in prompts]
+        """Answer a batch of prompts (token ids): left-padded with an attention mask, so each answer equals the
+        prompt answered alone. Generation ends at EOS or the end-of-turn token, at max_new_tokens, when
+        `stop_event` is set (the caller left), or once the text holds one of the `stop` strings, which is cut off
+        with what follows it (as OpenAI's API does)."""
+        ids = prompts
         width = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=self.device)
@@ -120,13 +142,14 @@ class Generator:
                 torch.manual_seed(seed)
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
                                          stopping_criteria=StoppingCriteriaList([criteria]), pad_token_id=pad,
-                                         eos_token_id=self.tokenizer.eos_token_id, **sampling.generate_kwargs())
+                                         eos_token_id=self.stop_ids, **sampling.generate_kwargs())
         answers = []
         for row, prompt_ids in enumerate(ids):
             new = output[row, width:].tolist()
-            stopped = self.tokenizer.eos_token_id in new
+            ends = [i for i, token in enumerate(new) if token in self.stop_ids]
+            stopped = bool(ends)
             if stopped:
-                new = new[:new.index(self.tokenizer.eos_token_id)]
+                new = new[:ends[0]]
             while new and new[-1] == pad:
                 new.pop()
             # only the new tokens are decoded, so the answer needs no cutting at the response marker
@@ -135,7 +158,7 @@ class Generator:
                                   finish_reason="stop" if stopped or cut else "length"))
         return answers
 
-    def stream(self, prompt: str, sampling: Sampling, seed: int | None = None,
+    def stream(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
                stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()):
         """Yield the answer's text as it is generated; the last item is the finished Answer. Text that could be
         the start of a `stop` string is held back until it is known not to be one."""

@@ -4,6 +4,7 @@ The engine (Generator, Sampling) lives in generate.py and the HTTP layer in serv
 mode the flags ask for and runs it.
 """
 
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,18 @@ class GenerateConfig:
 
     base_model: str = field(default="", metadata={"help": "hub id or folder of the base model (default: the one the adapter names)"})
     lora_weights: str = field(default="", metadata={"help": "adapter folder from finetune.py (none for a merged model)"})
-    prompt_template: str = field(default="", metadata={"help": "template name or .json path (default: the adapter's, else alpaca)"})
+    prompt_template: str = field(default="", metadata={
+        "help": "Alpaca template name or .json path, used without a chat template (default: the adapter's, else alpaca)"})
+    chat_template: str = field(default="", metadata={
+        "help": "tokenizer, alpaca, chatml, gemma, llama3, mistral, phi3 or a .jinja path (default: the one the adapter "
+                "was trained with, if any)"})
     load_8bit: bool = field(default=False, metadata={"help": "8-bit base weights (bitsandbytes)"})
     load_4bit: bool = field(default=False, metadata={"help": "4-bit NF4 base weights (bitsandbytes)"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 weights; default: where bf16 is fast, fp32 otherwise"})
     instruction: str = field(default="", metadata={"help": "answer this one instruction and exit"})
     input: str = field(default="", metadata={"help": "the optional input of --instruction"})
-    input_file: str = field(default="", metadata={"help": "answer every row of this Alpaca .json/.jsonl file"})
+    input_file: str = field(default="", metadata={
+        "help": "answer every row of this .json/.jsonl file (Alpaca rows, or conversations up to their last answer)"})
     output_file: str = field(default="", metadata={"help": "JSONL answers of --input_file (rerunning resumes)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call with --input_file"})
     serve: bool = field(default=False, metadata={"help": "run the OpenAI-compatible server with a web page"})
@@ -54,7 +60,7 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
     if config.input_file and not Path(config.input_file).expanduser().is_file():
         raise ValueError(f"--input_file {config.input_file}: no such file")
     generator = Generator(config.base_model, config.lora_weights, config.prompt_template, config.load_8bit,
-                          config.load_4bit, config.bf16)
+                          config.load_4bit, config.bf16, chat_template=config.chat_template)
     if config.serve:
         server = Server(generator, config.server_name, config.port, config.api_key, config.max_tokens_cap, sampling)
         if not server.loopback and not config.api_key:
@@ -72,36 +78,51 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
             return
         write(f"answered {count} rows into {config.output_file}")
     elif config.instruction:
-        _stream_answer(generator, generator.build_prompt(config.instruction, config.input), sampling, config.seed, write)
+        _stream_answer(generator, generator.instruction_ids(config.instruction, config.input), sampling, config.seed,
+                       write)
     else:
         interactive(generator, sampling, config.seed, read, write)
 
 
 def interactive(generator: Generator, sampling: Sampling, seed, read=input, write=print) -> None:
-    """Instruction, optional input, streamed answer, again. Ctrl-C during an answer stops that answer; at a
-    prompt (like Ctrl-D or 'exit') it leaves."""
-    write("Type an instruction (Ctrl-D or 'exit' to leave; Ctrl-C stops an answer).")
+    """Instruction, optional input, streamed answer, again; with a chat template, one conversation that goes on
+    ('/new' starts another). Ctrl-C during an answer stops that answer; at a prompt (like Ctrl-D or 'exit') it
+    leaves."""
+    chat = generator.chat_template is not None
+    write("Type an instruction (Ctrl-D or 'exit' to leave; Ctrl-C stops an answer)."
+          + (" The conversation goes on; '/new' starts another." if chat else ""))
+    history = []
     while True:
         try:
-            instruction = read("Instruction: ").strip()
+            instruction = read("You: " if chat else "Instruction: ").strip()
             if instruction in ("exit", "quit"):
                 return
+            if chat and instruction == "/new":
+                history = []
+                continue
             if not instruction:
                 continue
-            extra = read("Input (optional): ").strip()
+            extra = "" if chat else read("Input (optional): ").strip()
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at a prompt: leave quietly
             write("")
             return
-        _stream_answer(generator, generator.build_prompt(instruction, extra), sampling, seed, write)
+        if not chat:
+            _stream_answer(generator, generator.instruction_ids(instruction, extra), sampling, seed, write)
+            continue
+        history.append({"role": "user", "content": instruction})
+        answer = _stream_answer(generator, generator.conversation_ids(history), sampling, seed, write)
+        history.append({"role": "assistant", "content": answer})
 
 
-def _stream_answer(generator: Generator, prompt: str, sampling: Sampling, seed, write) -> None:
+def _stream_answer(generator: Generator, prompt: list[int], sampling: Sampling, seed, write) -> str:
+    """Write the answer as it is generated; returns its text (as far as it got, if stopped)."""
     if sampling.num_beams > 1:  # beam search settles the text only at the end
-        write(generator.answer([prompt], sampling, seed)[0].text)
-        return
+        text = generator.answer([prompt], sampling, seed)[0].text
+        write(text)
+        return text
     stop = threading.Event()
     pieces = generator.stream(prompt, sampling, seed, stop)
-    started = False
+    shown = ""
     while True:
         try:
             piece = next(pieces)
@@ -111,28 +132,46 @@ def _stream_answer(generator: Generator, prompt: str, sampling: Sampling, seed, 
             stop.set()
             continue
         if isinstance(piece, str):
-            write(piece.lstrip() if not started else piece, end="", flush=True)
-            started = True
+            piece = piece if shown else piece.lstrip()
+            write(piece, end="", flush=True)
+            shown += piece
     write("" if not stop.is_set() else " [stopped]")
+    return shown.strip()
 
 
 def answer_file(generator: Generator, input_file: str, output_file: str, sampling: Sampling, batch_size: int,
                 seed: int | None, skip_bad_rows: bool = False, progress=print) -> int:
-    """Answer every row of an Alpaca-format file into JSONL, as it goes; rows already answered are skipped,
-    so an interrupted run loses nothing. Returns how many rows were answered now."""
+    """Answer every row of a file into JSONL, as it goes; rows already answered are skipped, so an interrupted run
+    loses nothing. Alpaca rows are answered as instructions; a conversation's last assistant message is the
+    reference, and the model answers the messages before it. Returns how many rows were answered now."""
     loaded = load_rows(input_file)
     rows, _ = validate_rows(loaded, skip_bad_rows)
     output = Path(output_file).expanduser()
-    done = {(record.get("instruction"), record.get("input", "")) for record in resume_jsonl(output)
-            if isinstance(record, dict)}
-    todo = [row for row in rows if (row["instruction"], row["input"]) not in done]
+    done = {_question_key(record) for record in resume_jsonl(output) if isinstance(record, dict)}
+    todo = [row for row in rows if _question_key(_question(row)) not in done]
     output.parent.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        answers = generator.answer([generator.build_prompt(r["instruction"], r["input"]) for r in batch],
-                                   sampling, seed)
-        append_jsonl(output, [{"instruction": row["instruction"], "input": row["input"], "output": answer.text,
-                               "reference": row["output"], "finish_reason": answer.finish_reason}
-                              for row, answer in zip(batch, answers)])
+        prompts = [generator.conversation_ids(row["messages"][:-1]) if "messages" in row
+                   else generator.instruction_ids(row["instruction"], row["input"]) for row in batch]
+        answers = generator.answer(prompts, sampling, seed)
+        append_jsonl(output, [{**_question(row), "output": answer.text, "reference": _reference(row),
+                               "finish_reason": answer.finish_reason} for row, answer in zip(batch, answers)])
         progress(f"{len(done) + start + len(batch)}/{len(rows)} rows answered")
     return len(todo)
+
+
+def _question(row: dict) -> dict:
+    if "messages" in row:
+        return {"messages": row["messages"][:-1]}
+    return {"instruction": row["instruction"], "input": row["input"]}
+
+
+def _reference(row: dict) -> str:
+    return row["messages"][-1]["content"] if "messages" in row else row["output"]
+
+
+def _question_key(record: dict) -> str:
+    if "messages" in record:
+        return json.dumps(record["messages"], ensure_ascii=False, sort_keys=True)
+    return json.dumps([record.get("instruction"), record.get("input", "")], ensure_ascii=False)

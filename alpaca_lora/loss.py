@@ -50,9 +50,11 @@ def response_only_loss(model, batch: dict) -> torch.Tensor:
                                       position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     has_target = batch["targets"] != IGNORE_INDEX
     hidden, targets = hidden[has_target], batch["targets"][has_target]  # [targets, hidden], [targets]
-    head = causal_lm.get_output_embeddings()
+    head = causal_lm.get_output_embeddings()  # also the input embeddings where they are tied (Gemma, small Qwen)
+    # Gemma 2 caps its logits: cap * tanh(logits / cap), as the model's own forward does after its head
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if type(head) is torch.nn.Linear and not head.weight.requires_grad and head.bias is None:
-        return HeadCrossEntropy.apply(hidden, head.weight, targets)
+        return HeadCrossEntropy.apply(hidden, head.weight, targets, cap)
     # a trainable or adapted head (e.g. LoRA on lm_head): the same chunks through autograd, recomputed in backward
     rows = head_chunk_rows(len(targets))
     fill = -len(targets) % rows  # zero rows with no target, so that every chunk has the same shape
@@ -61,22 +63,27 @@ def response_only_loss(model, batch: dict) -> torch.Tensor:
     for start in range(0, len(targets), rows):
         chunk = slice(start, start + rows)
         total = total + checkpoint(
-            lambda h, t: F.cross_entropy(head(h).float(), t, ignore_index=IGNORE_INDEX, reduction="sum"),
+            lambda h, t: F.cross_entropy(soft_capped(head(h).float(), cap), t, ignore_index=IGNORE_INDEX,
+                                         reduction="sum"),
             hidden[chunk], targets[chunk], use_reentrant=False)
     return total
 
 
+def soft_capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class HeadCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, targets)) for a frozen head, chunk by chunk.
+    """sum(cross_entropy(soft_capped(hidden @ weight.T, cap), targets)) for a frozen head, chunk by chunk.
 
     Forward computes each chunk's logits, its loss, and at once its gradient with respect to `hidden`
-    (softmax - one_hot) @ weight, then drops the logits: backward only scales the saved [targets, hidden]
-    gradient. That is the forward matmul plus one gradient matmul per target, the minimum, and no
-    [targets x vocab] tensor outlives its chunk.
+    (softmax - one_hot) * d capped / d logits @ weight, then drops the logits: backward only scales the saved
+    [targets, hidden] gradient. That is the forward matmul plus one gradient matmul per target, the minimum,
+    and no [targets x vocab] tensor outlives its chunk.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, cap=None):
         # under autocast the matmuls run in the autocast dtype, like the nn.Linear they replace
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
         weight_c = weight.to(dtype)
@@ -87,13 +94,19 @@ class HeadCrossEntropy(torch.autograd.Function):
             real = min(rows, count - start)  # the last chunk is filled up to `rows` with zero rows
             chunk_hidden = F.pad(hidden[start:start + real].to(dtype), (0, 0, 0, rows - real))
             chunk_targets = targets[start:start + real]
-            log_probabilities = torch.log_softmax(chunk_hidden @ weight_c.T, dim=-1, dtype=torch.float32)
+            logits = chunk_hidden @ weight_c.T
+            if cap is not None:  # capped = cap * tanh(logits / cap); its derivative is 1 - tanh^2
+                capped_tanh = torch.tanh(logits.float() / cap)
+                logits = capped_tanh * cap
+            log_probabilities = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             total -= log_probabilities[:real].gather(1, chunk_targets[:, None]).sum()  # [rows, vocab] -> the loss
             if not ctx.needs_input_grad[0]:  # evaluation: the loss is all that is wanted
                 continue
             probabilities = log_probabilities.exp_()  # in place: d loss / d logits = softmax - one_hot
             probabilities[torch.arange(real, device=hidden.device), chunk_targets] -= 1
             probabilities[real:] = 0  # the fill rows have no loss
+            if cap is not None:
+                probabilities *= 1 - capped_tanh.square_()
             grad_hidden[start:start + real] = (probabilities.to(dtype) @ weight_c)[:real]
         ctx.save_for_backward(grad_hidden)
         ctx.hidden_dtype = hidden.dtype
@@ -102,7 +115,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None
+        return (grad_hidden * grad_total).to(ctx.hidden_dtype), None, None, None
 
 
 class LossModule(torch.nn.Module):

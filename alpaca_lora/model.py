@@ -38,7 +38,7 @@ def check_base_model(base_model: str) -> None:
 def _loading_error(base_model: str, what: str, error: Exception) -> ValueError:
     reason = first_line(error)
     return ValueError(f"--base_model {base_model}: could not load its {what} ({reason}); "
-                      "pass a local folder holding a LLaMA-family model, or a hub id reachable from here")
+                      "pass a local folder holding a causal language model, or a hub id reachable from here")
 
 
 def load_tokenizer(base_model: str):
@@ -52,17 +52,28 @@ def load_tokenizer(base_model: str):
         raise _loading_error(base_model, "tokenizer", error) from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--base_model {base_model}: the tokenizer has no EOS token; a model trained without one never stops")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # LLaMA ships no pad token; <unk> is what alpaca-lora pads with (id 0). Any other special
-        # token that is neither BOS nor EOS will do: padded positions are masked out of attention and loss.
-        candidates = [tokenizer.unk_token] + list(tokenizer.all_special_tokens)
-        usable = [t for t in candidates if t is not None and t not in (tokenizer.eos_token, tokenizer.bos_token)]
-        if not usable:
-            raise ValueError(f"--base_model {base_model}: the tokenizer has no pad or unk token to pad with; "
-                             "add a pad token to its tokenizer_config.json")
-        tokenizer.pad_token = usable[0]
+    set_pad_token(tokenizer, avoid=[tokenizer.eos_token_id], source=base_model)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def set_pad_token(tokenizer, avoid: list[int], source: str) -> None:
+    """A pad token that is none of the `avoid` ids (EOS, end-of-turn tokens): padding must never look like a stop.
+
+    Padded positions are masked out of attention and loss, so any token serves. Tried in turn: the tokenizer's own
+    pad, its unk (alpaca-lora pads LLaMA with <unk>), an added token meant for padding (Llama 3's
+    <|finetune_right_pad_id|>, Qwen's <|fim_pad|> or [PAD151646]), a reserved special token."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in avoid:
+        return
+    added = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items())]
+    candidates = ([tokenizer.unk_token] + [t for t in added if "pad" in t.lower()]
+                  + [t for t in added if "reserved" in t.lower()])
+    usable = [t for t in candidates if t is not None and tokenizer.convert_tokens_to_ids(t) not in avoid + [
+        tokenizer.bos_token_id]]
+    if not usable:
+        raise ValueError(f"--base_model {source}: the tokenizer has no token to pad with that is not EOS or an "
+                         "end-of-turn token; add a pad token to its tokenizer_config.json")
+    tokenizer.pad_token = usable[0]
 
 
 # attention implementations that take packed examples apart by their restarting position_ids in any layout
@@ -71,10 +82,11 @@ VARLEN_ATTENTION = ("flash_attention_2",)
 
 
 def attention_implementation(device: torch.device, bf16: bool) -> str:
-    """flash-attention 2 where it is installed and can run (a CUDA GPU, bf16 compute), else PyTorch's SDPA.
+    """flash-attention 2 where it is installed and can run (a CUDA GPU, bf16 compute), else PyTorch's SDPA (which
+    load_model turns into eager attention for a model SDPA cannot run: Gemma 2, whose attention logits are capped).
 
-    Both keep packed examples apart: SDPA through the block-diagonal causal mask that transformers builds from
-    restarting position_ids, flash-attention through its variable-length kernel, which transformers calls when
+    All keep packed examples apart: SDPA and eager through the block-diagonal causal mask that transformers builds
+    from restarting position_ids, flash-attention through its variable-length kernel, which transformers calls when
     one row holds several examples (batching.passes puts each pass in one row for it)."""
     from transformers.utils import is_flash_attn_2_available
 
@@ -97,7 +109,8 @@ def load_model(base_model: str, quantization: str | None, bf16: bool, device: to
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base_model, dtype=dtype, quantization_config=quantization_config, device_map={"": device},
-            attn_implementation=attention)
+            # None: transformers' default, SDPA where the model supports it, else eager
+            attn_implementation=None if attention == "sdpa" else attention)
     except (OSError, ValueError) as error:
         raise _loading_error(base_model, "weights", error) from None
     if quantization == "4bit" and device.type == "cpu":
@@ -177,11 +190,34 @@ def attach_lora(model, *, r: int, alpha: int, dropout: float, target_modules, us
                                                 gradient_checkpointing_kwargs=checkpointing_kwargs)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+    target_modules = lora_targets(model, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
                         task_type="CAUSAL_LM", use_dora=use_dora, use_rslora=use_rslora)
-    try:
-        return get_peft_model(model, config)
-    except ValueError as error:
-        reason = first_line(error)
-        raise ValueError(f"--lora_target_modules {target_modules}: {reason}; "
-                         "name linear layers of the model (e.g. q_proj,v_proj) or pass all-linear") from None
+    return get_peft_model(model, config)
+
+
+def linear_layer_names(model) -> list[str]:
+    """The distinct names (last part) of the model's linear layers, bitsandbytes' 8-/4-bit ones included."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
+
+
+def lora_targets(model, target_modules):
+    """--lora_target_modules checked against the model: None (the default) is alpaca-lora's q_proj,v_proj where the
+    model has them, else its fused attention projection (Phi-3's qkv_proj); a name matching no linear layer is an
+    error listing the model's."""
+    names = linear_layer_names(model)
+    full_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if target_modules == "all-linear":
+        return target_modules
+    if target_modules is None:
+        for default in (["q_proj", "v_proj"], ["qkv_proj"]):
+            if set(default) <= set(names):
+                return default
+        raise ValueError(f"--lora_target_modules: this model has no q_proj/v_proj nor a fused qkv_proj; name some of "
+                         f"its linear layers ({', '.join(names)}) or pass all-linear")
+    unknown = [name for name in target_modules if not any(f == name or f.endswith("." + name) for f in full_names)]
+    if unknown:
+        raise ValueError(f"--lora_target_modules {','.join(target_modules)}: {', '.join(unknown)} matches no linear "
+                         f"layer of this model; its linear layers are {', '.join(names)} (or pass all-linear)")
+    return target_modules

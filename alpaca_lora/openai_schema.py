@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from .conversations import user_message
 from .generate import Generator, Sampling
 
 MAX_BODY_BYTES = 1 << 20
@@ -113,12 +114,22 @@ def check_unicode(value) -> None:
             check_unicode(item)
 
 
-def chat_prompt(generator: Generator, request: ChatRequest) -> str:
-    users = [m.content for m in request.messages if m.role == "user"]
-    if not users or not users[-1].strip():
-        raise RequestError(400, "no user message with an instruction", "messages")
-    # Alpaca is single-turn: the last user message is the instruction
-    return generator.build_prompt(users[-1], request.input)
+def chat_prompt(generator: Generator, request: ChatRequest) -> list[int]:
+    """The prompt's token ids: the whole conversation rendered with the chat template the adapter was trained with;
+    for an Alpaca adapter (single-turn), the last user message as the instruction. `input` (not OpenAI's) is an
+    Alpaca row's input, appended to the last user message."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
+    if any(m["role"] == "tool" for m in messages):
+        raise RequestError(400, "tool messages are not supported", "messages")
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        raise RequestError(400, "the last message must be a user message with an instruction", "messages")
+    if generator.chat_template is None:
+        return generator.instruction_ids(messages[-1]["content"], request.input)
+    messages[-1]["content"] = user_message(messages[-1]["content"], request.input)
+    try:
+        return generator.conversation_ids(messages)
+    except ValueError as error:  # the template refuses the conversation (a role it lacks, turns out of order)
+        raise RequestError(400, str(error), "messages") from None
 
 
 def completion_prompt(request: CompletionRequest) -> str:

@@ -41,7 +41,8 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
     defaults = default_sampling or Sampling()
     page = PAGE.read_text().replace("__DEFAULTS__", json.dumps({
         "temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
-        "num_beams": defaults.num_beams, "max_tokens": defaults.max_new_tokens}))
+        "num_beams": defaults.num_beams, "max_tokens": defaults.max_new_tokens})).replace(
+        "__CHAT__", json.dumps(generator.chat_template is not None))
     busy = {"requests": 0}
 
     def error_response(error: RequestError) -> Response:
@@ -61,9 +62,9 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         _authorize(request, api_key)
         chat = request.url.path == "/v1/chat/completions"
         parsed = parse_request(await read_json_body(request), chat)
-        prompt = chat_prompt(generator, parsed) if chat else completion_prompt(parsed)
+        prompt = chat_prompt(generator, parsed) if chat else generator.text_ids(completion_prompt(parsed))
         sampling, stop = sampling_of(parsed, defaults, max_tokens_cap)
-        prompt_tokens = len(generator.prompt_ids(prompt))
+        prompt_tokens = len(prompt)
         if prompt_tokens + sampling.max_new_tokens > generator.context_length:
             raise RequestError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({sampling.max_new_tokens}) "
                                     f"exceeds the model's context of {generator.context_length} tokens",

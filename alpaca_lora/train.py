@@ -26,14 +26,16 @@ from .adapter_folder import (PUBLISHED_FILES, VALIDATION_FILE, DataSummary, Trai
 from .batching import PassLayout, StepPlan, collate, passes
 from .checkpoints import PREFIX, load_adapter_weights, load_checkpoint, resume_source, save_adapter_only, save_checkpoint
 from .config import TrainConfig
-from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, load_rows, split_rows, tokenize_rows_cached,
-                   validate_rows)
+from .chat_template import ChatTemplate, chat_template_for, end_of_turn_ids
+from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, is_conversation, load_rows, rendering_problem,
+                   split_rows, validate_rows)
 from .evaluation import evaluate_loss
 from .loss import LossModule, response_only_loss
 from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
-                    load_model, load_tokenizer, use_fast_lora_dropout)
+                    load_model, load_tokenizer, set_pad_token, use_fast_lora_dropout)
 from .progress import ProgressReport, finish_wandb, start_wandb
 from .templates import load_template
+from .tokenized_cache import tokenize_rows_cached
 
 
 @dataclass
@@ -119,7 +121,9 @@ def train(config: TrainConfig, loss_sum=response_only_loss) -> TrainResult:
     summary = _summary(config, world_size, data, loaded, accelerator.device, total_steps, history, val_loss,
                        real_tokens, computed_tokens, train_seconds, started)
     if is_main:
-        save_adapter(output_dir, model, data.tokenizer, summary, data.val_rows)
+        stop_token_ids = (end_of_turn_ids(data.template, data.tokenizer) if isinstance(data.template, ChatTemplate)
+                          else [data.tokenizer.eos_token_id])
+        save_adapter(output_dir, model, data.tokenizer, summary, data.val_rows, stop_token_ids)
         if wandb_run:
             finish_wandb(wandb_run, config.wandb_log_model, [output_dir / name for name in PUBLISHED_FILES])
         say(f"saved the adapter to {output_dir}")
@@ -164,7 +168,7 @@ def train_step(ddp_loss, batches: list[dict], real_tokens: int, optimizer, sched
 @dataclass
 class TrainingData:
     tokenizer: object
-    template: object
+    template: object  # a ChatTemplate, or the PromptTemplate of Alpaca rows trained without one
     loaded: LoadedRows
     num_bad: int
     num_duplicates: int  # rows that repeat an earlier row exactly; split_rows keeps each one's copies together
@@ -188,13 +192,18 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     check_base_model(config.base_model)
     loaded = load_rows(config.data_path, skip_malformed_lines=config.skip_bad_rows)
     rows, num_bad = validate_rows(loaded, config.skip_bad_rows)
-    train_rows, val_rows = split_rows(rows, config.val_set_size, config.seed)
     tokenizer = load_tokenizer(config.base_model)
+    chat_template = chat_template_for(config.chat_template, tokenizer, is_conversation(rows))
+    if chat_template:  # every row rendered once more, so that a row the template refuses is named now
+        set_pad_token(tokenizer, end_of_turn_ids(chat_template, tokenizer), config.base_model)
+        rows, num_bad = validate_rows(loaded, config.skip_bad_rows, rendering_problem(chat_template, tokenizer))
+        template = chat_template
+    train_rows, val_rows = split_rows(rows, config.val_set_size, config.seed)
     train_set, val_set = (tokenize_rows_cached(part, tokenizer, template, config.cutoff_len, config.train_on_inputs,
                                                config.tokenized_cache_dir) for part in (train_rows, val_rows))
     if train_set.num_fitting == 0:
-        raise ValueError(f"--cutoff_len {config.cutoff_len}: no training example fits (prompt + response + EOS); "
-                         "raise --cutoff_len")
+        raise ValueError(f"--cutoff_len {config.cutoff_len}: no training example fits whole (with its end-of-turn "
+                         "token); raise --cutoff_len")
     return TrainingData(tokenizer, template, loaded, num_bad, duplicate_rows(rows), train_rows, val_rows, train_set,
                         val_set)
 
@@ -213,7 +222,12 @@ class TrainingModel:
         return (f"model: {config.base_model} ({self.quantization or ('bf16' if self.bf16 else 'fp32')} weights, "
                 f"{'bf16 autocast' if self.bf16 else 'fp32'} on {device}, {self.attention} attention"
                 f"{', gradient checkpointing' if self.checkpointing else ''}); LoRA r={config.lora_r} on "
-                f"{config.lora_target_modules}: {trainable:,} trainable parameters")
+                f"{_targets(self.model)}: {trainable:,} trainable parameters")
+
+
+def _targets(model) -> str:
+    targets = model.peft_config["default"].target_modules
+    return ",".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
 
 
 def load_training_model(config: TrainConfig, device: torch.device) -> TrainingModel:
@@ -302,7 +316,9 @@ def _summary(config: TrainConfig, world_size: int, data: TrainingData, loaded: T
         gpu_memory_mb["peak_while_training"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         gpu_memory_mb["peak_reserved"] = torch.cuda.max_memory_reserved(device) / 2 ** 20
     return TrainingSummary(
-        base_model=config.base_model, prompt_template=data.template.to_dict(),
+        base_model=config.base_model,
+        prompt_template=None if isinstance(data.template, ChatTemplate) else data.template.to_dict(),
+        chat_template=data.template.to_dict() if isinstance(data.template, ChatTemplate) else None,
         arguments={**dataclasses.asdict(config), "world_size": world_size},
         data=DataSummary(path=data.loaded.source, sha256=data.loaded.sha256, rows=len(data.loaded.rows),
                          bad_rows_dropped=data.num_bad, train_rows=len(data.train_rows),

@@ -60,7 +60,7 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int
     generator = Generator(lora_weights=str(adapter), device="cpu")
     parameters = sum(p.numel() for p in generator.model.parameters())
     sampling = Sampling(temperature=0.0, max_new_tokens=new_tokens)  # random weights rarely hit EOS: ~full length
-    prompts = [generator.build_prompt(i) for i in instructions(max(batch_sizes) * 2)]
+    prompts = [generator.instruction_ids(i) for i in instructions(max(batch_sizes) * 2)]
     generator.answer(prompts[:2], sampling)  # warm-up
     result = {"parameters": parameters, "dtype": str(next(generator.model.parameters()).dtype), "batches": {}}
     for batch_size in batch_sizes:

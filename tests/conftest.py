@@ -113,6 +113,22 @@ def tiny_adapter(tiny_base, alpaca_rows, tmp_path_factory) -> Path:
     return folder / "adapter"
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_adapter(tiny_base, tmp_path_factory) -> Path:
+    """A LoRA adapter trained for 2 steps on multi-turn conversations under the mistral chat template (the tiny
+    base's vocabulary is LLaMA-style: [INST] is text, </s> ends a turn)."""
+    from alpaca_lora.config import TrainConfig
+    from alpaca_lora.train import train
+
+    folder = tmp_path_factory.mktemp("chat-adapter")
+    data = folder / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in conversations() * 4))
+    train(TrainConfig(base_model=str(tiny_base), data_path=str(data), output_dir=str(folder / "adapter"), batch_size=4,
+                      micro_batch_size=2, max_steps=2, val_set_size=2, cutoff_len=512, learning_rate=5e-2,
+                      warmup_steps=0, bf16=False, tokenized_cache_dir="", chat_template="mistral"))
+    return folder / "adapter"
+
+
 class FakeAPI:
     """Answers POST /v1/chat/completions from a script of (status, body or text, headers, delay) entries;
     the last entry repeats."""
@@ -170,3 +186,132 @@ def fake_api(request):
     yield start
     for server in servers:
         server.close()
+
+
+# ---- model families: tiny random models of each architecture with a real vocabulary and chat template ----
+
+VOCABULARIES = SHARED / "models" / "vocab"
+SHARED_TEMPLATES = SHARED / "chat_templates"
+# family -> (transformers config class, its settings, vocabulary, the chat template its instruct models use).
+# Sliding windows of 12 tokens are shorter than every test conversation, so the windowed layers are exercised;
+# Gemma's logit caps are small enough to change the loss of a random model (its logits are ~0.1).
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(tie_word_embeddings=True), "llama-bpe", "meta-llama-Llama-3.2-3B-Instruct.jinja"),
+    "mistral": ("MistralConfig", dict(sliding_window=12), "llama-spm", "mistral"),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True), "qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja"),
+    "qwen3": ("Qwen3Config", dict(head_dim=8), "qwen2", "Qwen-Qwen3-0.6B.jinja"),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, sliding_window=12, final_logit_softcapping=0.05,
+                                    attn_logit_softcapping=0.5), "gemma", "google-gemma-2-2b-it.jinja"),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=8, sliding_window=12, final_logit_softcapping=0.05,
+                                        layer_types=["sliding_attention", "full_attention"]), "gemma", "gemma"),
+    "phi3": ("Phi3Config", dict(), "phi-3", "microsoft-Phi-3.5-mini-instruct.jinja"),
+}
+# each shared template with the real vocabulary of its family (SmolLM3's is Llama 3's with ChatML markers, which
+# Qwen2's vocabulary holds as special tokens; Mistral Nemo's own 131K vocabulary is not in ../shared)
+TEMPLATE_VOCABULARIES = {
+    "meta-llama-Llama-3.1-8B-Instruct.jinja": "llama-bpe", "meta-llama-Llama-3.2-3B-Instruct.jinja": "llama-bpe",
+    "Qwen-Qwen2.5-7B-Instruct.jinja": "qwen2", "Qwen-Qwen3-0.6B.jinja": "qwen2", "HuggingFaceTB-SmolLM3-3B.jinja": "qwen2",
+    "microsoft-Phi-3.5-mini-instruct.jinja": "phi-3", "mistralai-Mistral-Nemo-Instruct-2407.jinja": "llama-spm",
+    "google-gemma-2-2b-it.jinja": "gemma",
+    "alpaca": "llama-spm", "chatml": "qwen2", "llama3": "llama-bpe", "gemma": "gemma", "mistral": "llama-spm",
+    "phi3": "phi-3",
+}
+GEMMA_SPECIAL = ["<start_of_turn>", "<end_of_turn>"]
+
+
+def chat_template_path(name: str) -> str:
+    """A shared template's path, or a shipped template's name, as --chat_template takes them."""
+    return str(SHARED_TEMPLATES / name) if name.endswith(".jinja") else name
+
+
+@pytest.fixture(scope="session")
+def vocabulary(tmp_path_factory, alpaca_rows):
+    """vocabulary name -> a tokenizer folder: llama.cpp's GGUF vocabularies of real models (converted once: Llama 3's
+    takes ~20 s), or for Gemma a SentencePiece tokenizer trained here with Gemma's special tokens."""
+    folders = {}
+
+    def folder(name: str) -> Path:
+        if name not in folders:
+            folders[name] = _gemma_tokenizer(tmp_path_factory.mktemp("gemma-vocab"), alpaca_rows) if name == "gemma" \
+                else _gguf_tokenizer(tmp_path_factory.mktemp(name), name)
+        return folders[name]
+    return folder
+
+
+def _gguf_tokenizer(folder: Path, name: str) -> Path:
+    from transformers import AutoTokenizer
+
+    gguf = VOCABULARIES / f"ggml-vocab-{name}.gguf"
+    if not gguf.exists():
+        pytest.skip(f"{gguf} is absent (../shared is not beside this clone)")
+    AutoTokenizer.from_pretrained(VOCABULARIES, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+def _gemma_tokenizer(folder: Path, rows) -> Path:
+    """Gemma's layout: <pad>=0, <eos>=1, <bos>=2, <unk>=3, then <start_of_turn> and <end_of_turn> as special tokens."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model_file = io.BytesIO()
+    sentences = [text for row in rows for text in row.values() if text] + ["model", "user", "system"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model_file, vocab_size=400, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=GEMMA_SPECIAL, hard_vocab_limit=False,
+        character_coverage=1.0, num_threads=1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "extra_special_tokens": GEMMA_SPECIAL}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_base(vocabulary, tmp_path_factory):
+    """family -> the folder of a tiny random model of that architecture (2 layers, 32 wide) with its vocabulary."""
+    bases = {}
+
+    def base(family: str) -> Path:
+        if family not in bases:
+            import transformers
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            config_class, settings, vocab, _ = FAMILIES[family]
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            tokenizer = AutoTokenizer.from_pretrained(vocabulary(vocab))
+            config = getattr(transformers, config_class)(
+                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, **settings)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+            tokenizer.chat_template = None  # a base model's tokenizer ships without one
+            tokenizer.save_pretrained(folder)
+            bases[family] = folder
+        return bases[family]
+    return base
+
+
+def conversations() -> list[dict]:
+    """Multi-turn rows in the OpenAI shape, with and without a system message."""
+    return [
+        {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                      {"role": "user", "content": "And another?"},
+                      {"role": "assistant", "content": "Green, like grass in spring."}]},
+        {"messages": [{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+                      {"role": "user", "content": "Times three?"}, {"role": "assistant", "content": "12, of course."}]},
+        {"messages": [{"role": "user", "content": "Write a haiku about rain."},
+                      {"role": "assistant", "content": "Soft rain on the roof,\nthe garden drinks in silence,\n"
+                                                       "puddles hold the sky."}]},
+    ]
+
+
+def supports_system(template: str) -> bool:
+    return "gemma-2" not in template  # Gemma 2's template raises on a system message

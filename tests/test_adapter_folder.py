@@ -46,6 +46,8 @@ def test_a_save_that_fails_leaves_no_adapter_weights(tiny_adapter, tmp_path):
     summary = TrainingSummary.from_dict(json.loads((tiny_adapter / SUMMARY_FILE).read_text()))
 
     class Tokenizer:
+        bos_token_id, pad_token_id = 1, 0
+
         def save_pretrained(self, folder):
             (folder / "tokenizer.json").write_text("{}")
 
@@ -57,7 +59,7 @@ def test_a_save_that_fails_leaves_no_adapter_weights(tiny_adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(OSError, match="No space left"):
-        save_adapter(out, DiskFull(), Tokenizer(), summary, [{"instruction": "a", "input": "", "output": "b"}])
+        save_adapter(out, DiskFull(), Tokenizer(), summary, [{"instruction": "a", "input": "", "output": "b"}], [2])
     # the summary and card were written, but without the weights the folder does not pass for a finished adapter
     assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", SUMMARY_FILE, "tokenizer.json",
-                                                             "validation_rows.json"])
+                                                             "generation_config.json", "validation_rows.json"])

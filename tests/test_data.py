@@ -1,12 +1,9 @@
 import json
 
-import numpy as np
 import pytest
 from conftest import ALPACA_CLEANED, ALPACA_ORIGINAL, REPO, needs_shared
 
-from alpaca_lora import data as data_module
-from alpaca_lora.data import (IGNORE_INDEX, load_rows, split_rows, tokenize_rows, tokenize_rows_cached,
-                              validate_rows)
+from alpaca_lora.data import IGNORE_INDEX, load_rows, split_rows, tokenize_rows, validate_rows
 from alpaca_lora.model import load_tokenizer
 from alpaca_lora.templates import load_template
 
@@ -134,44 +131,22 @@ def test_truncated_examples_lose_eos_and_are_counted(tiny_base):
 
 @pytest.mark.parametrize("data_file", [pytest.param(path, marks=needs_shared(path)) for path in (ALPACA_CLEANED, ALPACA_ORIGINAL)],
                          ids=["cleaned", "original"])
-@pytest.mark.parametrize("template_name", ["alpaca", "alpaca_legacy"])
+@pytest.mark.parametrize("template_name", ["alpaca", "alpaca_legacy", "chat template alpaca"])
 def test_trained_tokens_decode_to_exactly_the_response_and_eos(llama_tokenizer, data_file, template_name):
-    """With the real LLaMA tokenizer, on every real Alpaca row: the unmasked labels are the response, then EOS."""
+    """With the real LLaMA tokenizer, on every real Alpaca row: the unmasked labels are the response, then EOS; also
+    with the rows as one-turn conversations under the alpaca chat template."""
+    from alpaca_lora.chat_template import load_chat_template
+
     rows, _ = validate_rows(load_rows(str(data_file)), skip_bad_rows=False)
-    examples = tokenize_rows(rows, llama_tokenizer, load_template(template_name), 100_000, False).examples
+    template = (load_chat_template("alpaca", llama_tokenizer) if template_name.startswith("chat")
+                else load_template(template_name))
+    examples = tokenize_rows(rows, llama_tokenizer, template, 100_000, False).examples
     assert len(examples) == len(rows) > 2000
     for row, example in zip(rows, examples):
         trained = [t for t in example.targets if t != IGNORE_INDEX]
         assert llama_tokenizer.decode(trained) == row["output"] + "</s>"
         assert example.input_ids[0] == llama_tokenizer.bos_token_id == 1
         assert trained[-1] == llama_tokenizer.eos_token_id == 2
-
-
-def test_tokenized_data_is_cached_under_everything_that_decides_it(tiny_base, alpaca_rows, tmp_path, monkeypatch):
-    tokenizer, template = load_tokenizer(str(tiny_base)), load_template("alpaca")
-    cache = str(tmp_path / "cache")
-    first = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-
-    def no_tokenizing(*args):
-        raise AssertionError("tokenized again despite the cache")
-    monkeypatch.setattr(data_module, "tokenize_rows", no_tokenizing)
-    again = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache)
-    def contents(tokenized):
-        return ([(e.input_ids.tolist(), e.targets.tolist(), e.truncated) for e in tokenized.examples],
-                tokenized.num_truncated, tokenized.num_without_targets, tokenized.num_fitting)
-    assert contents(again) == contents(first)  # examples, truncation flags and counts all come back
-    assert first.num_without_targets and {e.truncated for e in first.examples} == {True, False}  # 38 examples
-    assert again.examples[0].input_ids.dtype == np.int32  # compact: 4 bytes a token, not a Python int's 36
-    monkeypatch.undo()
-    for changed in (dict(cutoff_len=256), dict(train_on_inputs=True), dict(template=load_template("alpaca_short")),
-                    dict(rows=alpaca_rows[:-1])):
-        arguments = dict(rows=alpaca_rows, tokenizer=tokenizer, template=template, cutoff_len=192, train_on_inputs=False)
-        tokenize_rows_cached(**{**arguments, **changed}, cache_dir=cache)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 5
-    uncached = tokenize_rows_cached(alpaca_rows, tokenizer, template, 192, False, cache_dir="")  # off: no file
-    assert contents(uncached) == contents(first)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 5
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
@@ -213,3 +188,23 @@ def test_copies_of_a_row_stay_on_one_side_of_the_split(alpaca_rows):
     # without repeats the split is the plain draw it always was
     assert split_rows(alpaca_rows, 10, seed=1)[1] == [alpaca_rows[i] for i in sorted(
         __import__("random").Random(1).sample(range(48), 10))]
+
+
+def test_with_a_chat_template_train_on_inputs_trains_every_token_and_truncation_is_counted(tiny_base):
+    """The conversation path follows the same rules as Alpaca rows: --train_on_inputs trains the whole text, and an
+    example cut at cutoff_len loses its tail (and end-of-turn) and is counted."""
+    from conftest import conversations
+
+    from alpaca_lora.chat_template import load_chat_template
+
+    tokenizer = load_tokenizer(str(tiny_base))
+    chat = load_chat_template("mistral", tokenizer)
+    rows = conversations()
+    everything = tokenize_rows(rows, tokenizer, chat, 512, train_on_inputs=True)
+    for example in everything.examples:
+        assert example.targets.tolist() == example.input_ids.tolist()[1:] + [IGNORE_INDEX]
+    answers = tokenize_rows(rows, tokenizer, chat, 512, train_on_inputs=False)
+    assert all(0 < e.num_targets < len(e.input_ids) - 1 for e in answers.examples)
+    cut = tokenize_rows(rows, tokenizer, chat, 20, train_on_inputs=False)
+    assert cut.num_truncated == 3 and all(len(e.input_ids) == 20 for e in cut.examples)
+    assert all(tokenizer.eos_token_id not in e.targets.tolist()[-3:] for e in cut.examples)

@@ -169,3 +169,29 @@ def test_a_dead_judge_stops_with_one_line_and_no_report(tmp_path, answer_files, 
     finally:
         api.close()
     assert len(api.calls) == 4 * 2 and not (tmp_path / "judged" / "report.json").exists()
+
+
+def test_loss_on_conversations_uses_the_adapters_template_and_trains_only_answers(tiny_base, tiny_chat_adapter,
+                                                                                  tmp_path):
+    """evaluate.py loss on the chat adapter's own validation rows: the loss of base + adapter on the assistant
+    tokens (and end-of-turn) of each conversation, rendered with the adapter's template."""
+    from alpaca_lora.chat_template import ChatTemplate
+    from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
+
+    rows_file = tiny_chat_adapter / "validation_rows.json"
+    rows = json.loads(rows_file.read_text())
+    assert rows and all("messages" in row for row in rows)
+    result = heldout_loss(str(tiny_chat_adapter), str(rows_file), cutoff_len=512, micro_batch_size=2, bf16=False,
+                          **QUIET)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tiny_chat_adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_adapter)
+    chat = ChatTemplate("mistral", (tiny_chat_adapter / "chat_template.jinja").read_text())
+    total, count = 0.0, 0
+    for example in tokenize_rows(rows, tokenizer, chat, 512, False).examples:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([example.input_ids.tolist()])).logits[0]
+        targets = torch.tensor(example.targets.tolist())
+        kept = targets != IGNORE_INDEX
+        total -= torch.log_softmax(logits[kept], dim=-1)[torch.arange(int(kept.sum())), targets[kept]].sum().item()
+        count += int(kept.sum())
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5) and result["target_tokens"] == count

@@ -47,8 +47,10 @@ def test_merged_hf_checkpoint_reloads_as_base_plus_adapter(tiny_adapter, merged_
     assert (logits - merged_reference["logits"]).abs().max() <= 1e-4
     # generate.py --base_model ./hf answers as base + adapter does
     greedy = Sampling(temperature=0.0, max_new_tokens=10)
-    merged_answer = Generator(base_model=str(out), bf16=False, device="cpu").answer(["Hello"], greedy)
-    adapter_answer = Generator(lora_weights=str(tiny_adapter), bf16=False, device="cpu").answer(["Hello"], greedy)
+    merged, adapted = (Generator(base_model=str(out), bf16=False, device="cpu"),
+                       Generator(lora_weights=str(tiny_adapter), bf16=False, device="cpu"))
+    merged_answer = merged.answer([merged.text_ids("Hello")], greedy)
+    adapter_answer = adapted.answer([adapted.text_ids("Hello")], greedy)
     assert merged_answer == adapter_answer
 
 

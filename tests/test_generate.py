@@ -25,14 +25,14 @@ def test_the_adapter_folder_is_enough(tiny_adapter, tiny_base, generator):
 
 
 def test_prompt_ids_are_the_training_layout(generator):
-    prompt = generator.build_prompt("Name a colour.")
-    ids = generator.prompt_ids(prompt)
+    ids = generator.instruction_ids("Name a colour.")
     assert ids[0] == generator.tokenizer.bos_token_id and ids[-1] != generator.tokenizer.eos_token_id
-    assert generator.tokenizer.decode(ids[1:]) == prompt
+    assert generator.tokenizer.decode(ids[1:]) == generator.template.prompt("Name a colour.")
+    assert generator.chat_template is None and generator.stop_ids == [generator.tokenizer.eos_token_id]
 
 
 def test_each_answer_of_a_batch_equals_the_prompt_answered_alone(generator):
-    prompts = [generator.build_prompt(i) for i in ("Hi.", "Give three tips for staying healthy, please.", "Why?")]
+    prompts = [generator.instruction_ids(i) for i in ("Hi.", "Give three tips for staying healthy, please.", "Why?")]
     batched = generator.answer(prompts, GREEDY)
     for prompt, answer in zip(prompts, batched):
         alone = generator.answer([prompt], GREEDY)[0]
@@ -41,7 +41,7 @@ def test_each_answer_of_a_batch_equals_the_prompt_answered_alone(generator):
 
 
 def test_sampling_flags_mean_what_they_say(generator):
-    prompt = [generator.build_prompt("Tell a story.")]
+    prompt = [generator.instruction_ids("Tell a story.")]
     assert GREEDY.generate_kwargs()["do_sample"] is False
     hot = Sampling(temperature=5.0, top_k=0, top_p=1.0, max_new_tokens=12)
     assert hot.generate_kwargs()["do_sample"] is True
@@ -58,7 +58,7 @@ def test_sampling_flags_mean_what_they_say(generator):
 
 
 def test_streamed_text_is_the_answer(generator):
-    prompt = generator.build_prompt("Say something.")
+    prompt = generator.instruction_ids("Say something.")
     pieces = list(generator.stream(prompt, GREEDY))
     answer = pieces[-1]
     assert "".join(pieces[:-1]).strip() == answer.text == generator.answer([prompt], GREEDY)[0].text
@@ -92,7 +92,7 @@ def test_an_adapter_for_another_base_is_refused(tiny_adapter, tmp_path):
 
 def test_one_shot_and_interactive_from_the_command_line(tiny_adapter, generator):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    expected = generator.answer([generator.build_prompt("Name a colour.")], GREEDY)[0].text
+    expected = generator.answer([generator.instruction_ids("Name a colour.")], GREEDY)[0].text
     one = run_script(REPO / "generate.py", "--lora_weights", tiny_adapter, "--instruction", "Name a colour.",
                      "--temperature", 0, "--max_new_tokens", 12, "--bf16", False, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -154,10 +154,59 @@ def test_ctrl_c_in_a_batch_file_says_where_the_answers_are(tiny_adapter, tmp_pat
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(generate_cli, "Generator", lambda *args: None)
+    monkeypatch.setattr(generate_cli, "Generator", lambda *args, **kwargs: None)
     monkeypatch.setattr(generate_cli, "answer_file", interrupted)
     (tmp_path / "in.json").write_text("[]")
     said = []
     generate_cli.run_generate(generate_cli.GenerateConfig(input_file=str(tmp_path / "in.json"),
                                                           output_file=str(tmp_path / "out.jsonl")), write=said.append)
     assert said == [f"stopped: the rows answered so far are in {tmp_path / 'out.jsonl'}; the same command resumes"]
+
+
+@pytest.fixture(scope="module")
+def chat_generator(tiny_chat_adapter):
+    return Generator(lora_weights=str(tiny_chat_adapter), bf16=False, device="cpu")
+
+
+def test_a_chat_adapter_renders_instructions_as_one_turn_conversations(chat_generator):
+    from alpaca_lora.chat_template import prompt_text
+
+    assert chat_generator.chat_template.name == "mistral"
+    text = prompt_text(chat_generator.chat_template, chat_generator.tokenizer,
+                       [{"role": "user", "content": "Translate.\n\nBonjour"}])
+    assert chat_generator.instruction_ids("Translate.", "Bonjour") == chat_generator.text_ids(text)
+    assert chat_generator.tokenizer.decode(chat_generator.instruction_ids("Hi")) == "<s>[INST] Hi [/INST]"
+
+
+def test_the_interactive_chat_goes_on_and_starts_over(chat_generator, monkeypatch):
+    from alpaca_lora import generate_cli
+
+    prompts = []
+
+    def recording_stream(prompt, sampling, seed, stop_event):
+        prompts.append(chat_generator.tokenizer.decode(prompt))
+        yield f" answer {len(prompts)}"
+    monkeypatch.setattr(chat_generator, "stream", recording_stream)
+    lines = iter(["Name a colour.", "And another?", "/new", "Hello", "exit"])
+    generate_cli.interactive(chat_generator, GREEDY, None, read=lambda prompt: next(lines),
+                             write=lambda text="", end="\n", flush=False: None)
+    assert prompts == ["<s>[INST] Name a colour. [/INST]",
+                       "<s>[INST] Name a colour. [/INST]answer 1</s>[INST] And another? [/INST]",
+                       "<s>[INST] Hello [/INST]"]
+
+
+def test_a_file_of_conversations_is_answered_up_to_each_last_answer(chat_generator, tmp_path):
+    from conftest import conversations
+
+    from alpaca_lora.generate_cli import answer_file
+
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in conversations()))
+    out = tmp_path / "answers.jsonl"
+    assert answer_file(chat_generator, str(rows), str(out), GREEDY, 2, 0, progress=lambda *a: None) == 3
+    assert answer_file(chat_generator, str(rows), str(out), GREEDY, 2, 0, progress=lambda *a: None) == 0  # resumed
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    first = conversations()[1]["messages"]
+    expected = chat_generator.answer([chat_generator.conversation_ids(first[:-1])], GREEDY)[0].text
+    assert records[1] == {"messages": first[:-1], "output": expected, "reference": first[-1]["content"],
+                          "finish_reason": records[1]["finish_reason"]}

@@ -186,7 +186,9 @@ def test_fast_lora_dropout_leaves_no_dropout_alone(tiny_base):
 
 
 def test_unknown_target_module_names_the_flag(tiny_base):
-    with pytest.raises(ValueError, match=r"--lora_target_modules \['qkv'\]: .*all-linear"):
+    with pytest.raises(ValueError, match=r"--lora_target_modules qkv: qkv matches no linear layer of this model; its "
+                                         r"linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                                         r"up_proj, v_proj \(or pass all-linear\)"):
         _lora(load_model(str(tiny_base), None, False, CPU), targets=["qkv"])
 
 

@@ -39,20 +39,20 @@ def test_models(client, generator):
 def test_chat_is_the_templated_instruction(client, generator):
     reply = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}],
                                            temperature=0, max_tokens=12)
-    expected = generator.answer([generator.build_prompt("Name a colour.")], Sampling(temperature=0, max_new_tokens=12))[0]
+    expected = generator.answer([generator.instruction_ids("Name a colour.")], Sampling(temperature=0, max_new_tokens=12))[0]
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.usage.completion_tokens == expected.completion_tokens
-    assert reply.usage.prompt_tokens == len(generator.prompt_ids(generator.build_prompt("Name a colour.")))
+    assert reply.usage.prompt_tokens == len(generator.instruction_ids("Name a colour."))
     with_input = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Translate."}],
                                                 temperature=0, max_tokens=12, extra_body={"input": "Bonjour"})
     assert with_input.choices[0].message.content == generator.answer(
-        [generator.build_prompt("Translate.", "Bonjour")], Sampling(temperature=0, max_new_tokens=12))[0].text
+        [generator.instruction_ids("Translate.", "Bonjour")], Sampling(temperature=0, max_new_tokens=12))[0].text
 
 
 def test_completion_is_the_raw_prompt(client, generator):
     reply = client.completions.create(model="x", prompt="Once upon a time", temperature=0, max_tokens=10)
-    assert reply.choices[0].text == generator.answer(["Once upon a time"], Sampling(temperature=0, max_new_tokens=10))[0].text
+    assert reply.choices[0].text == generator.answer([generator.text_ids("Once upon a time")], Sampling(temperature=0, max_new_tokens=10))[0].text
 
 
 def test_streaming_gives_the_same_text(client):
@@ -132,10 +132,51 @@ def test_concurrent_requests_are_not_interleaved(client):
 def test_the_page_is_served_without_a_key(server):
     page = urllib.request.urlopen(server + "/").read().decode()
     assert "<title>alpaca-lora</title>" in page and "/v1/chat/completions" in page
+    assert "const CHAT = false;" in page  # an Alpaca adapter: the page says each message is answered on its own
 
 
-def test_the_page_streams_an_answer_in_headless_chromium(server, client, tmp_path):
-    """Type an instruction into the page, press the button, see the streamed answer (Debian's chromium)."""
+@pytest.fixture(scope="module")
+def chat_generator(tiny_chat_adapter):
+    return Generator(lora_weights=str(tiny_chat_adapter), bf16=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_generator):
+    running = Server(chat_generator, "127.0.0.1", 0, max_tokens_cap=64,
+                     default_sampling=Sampling(temperature=0.0, max_new_tokens=16)).start()
+    yield f"http://127.0.0.1:{running.port}"
+    running.stop()
+
+
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And another?"}]
+
+
+def test_chat_takes_the_whole_conversation_as_training_rendered_it(chat_server, chat_generator):
+    client = openai.OpenAI(base_url=chat_server + "/v1", api_key="none", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model="x", messages=CONVERSATION, temperature=0, max_tokens=12)
+    prompt = chat_generator.conversation_ids(CONVERSATION)
+    expected = chat_generator.answer([prompt], Sampling(temperature=0, max_new_tokens=12))[0]
+    assert reply.choices[0].message.content == expected.text and reply.usage.prompt_tokens == len(prompt)
+    text = chat_generator.tokenizer.decode(prompt)
+    assert text.startswith("<s>[INST] Answer briefly.\n\nName a colour. [/INST]Blue.</s>")  # system and history
+    assert text.endswith("[INST] And another? [/INST]")
+    assert chat_generator.stop_ids == [chat_generator.tokenizer.eos_token_id]  # mistral's end of turn is </s>
+
+
+@pytest.mark.parametrize("messages, message", [
+    (CONVERSATION[:3], "the last message must be a user message"),
+    ([CONVERSATION[1], CONVERSATION[1]], "Conversation roles must alternate"),
+    ([{"role": "tool", "content": "42"}, CONVERSATION[1]], "tool messages are not supported"),
+])
+def test_a_conversation_the_template_refuses_is_a_400(chat_server, messages, message):
+    client = openai.OpenAI(base_url=chat_server + "/v1", api_key="none", max_retries=0, timeout=120)
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(model="x", messages=messages, max_tokens=4)
+
+
+def test_the_page_is_a_multi_turn_chat_in_headless_chromium(chat_server, chat_generator, tmp_path):
+    """Set a system message, send two messages, see each streamed answer; start over (Debian's chromium)."""
     import shutil
 
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
@@ -152,22 +193,30 @@ def test_the_page_streams_an_answer_in_headless_chromium(server, client, tmp_pat
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
     try:
-        browser.get(server + "/")
-        browser.find_element(By.ID, "instruction").send_keys("Name a colour.")
+        browser.get(chat_server + "/")
+        browser.find_element(By.TAG_NAME, "summary").click()  # the sampling settings
         for field, value in (("temperature", "0"), ("max_tokens", "12")):
             element = browser.find_element(By.ID, field)
             element.clear()
             element.send_keys(value)
-        browser.find_element(By.ID, "api_key").send_keys(KEY)
-        browser.find_element(By.ID, "go").click()
-        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "answer").get_attribute("data-done") == "true")
-        shown = browser.find_element(By.ID, "answer").text
+        browser.find_element(By.ID, "system").send_keys("Answer briefly.")
+        for turn, text in enumerate(("Name a colour.", "And another?"), start=1):
+            browser.find_element(By.ID, "message").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            WebDriverWait(browser, 120).until(
+                lambda b: b.find_element(By.ID, "conversation").get_attribute("data-turns") == str(turn))
+        shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#conversation .message")]
         assert browser.find_element(By.ID, "status").text == ""
+        browser.find_element(By.ID, "new").click()
+        assert browser.find_elements(By.CSS_SELECTOR, "#conversation .message") == []
     finally:
         browser.quit()
-    expected = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}],
-                                              temperature=0, max_tokens=12).choices[0].message.content
-    assert shown.strip() == expected.strip() and expected
+    greedy = Sampling(temperature=0, max_new_tokens=12)
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
+    first = chat_generator.answer([chat_generator.conversation_ids(conversation)], greedy)[0].text
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "And another?"}]
+    second = chat_generator.answer([chat_generator.conversation_ids(conversation)], greedy)[0].text
+    assert shown == ["Name a colour.", first, "And another?", second] and first
 
 
 # ---- probes: what a hostile or unlucky client sends (issue: 43 of 175 fault and attack probes) ----

@@ -202,6 +202,12 @@ def _bad_inputs(tiny_base, alpaca_file, tmp_path):
     empty.write_text("")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "system", "content": "Be kind."}] * (i == 2) + [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": f"Hello {i}"}]}) for i in range(1, 13)))
+    alternating = tmp_path / "alternating.jinja"  # refuses a system message, as Gemma 2's template does
+    alternating.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                           "{% endif %}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}")
     return {
         "missing base model": (["--base_model", tmp_path / "no-model"], "--base_model"),
         "missing data": (["--data_path", tmp_path / "no-data.json"], "--data_path"),
@@ -213,6 +219,13 @@ def _bad_inputs(tiny_base, alpaca_file, tmp_path):
         "unwritable output_dir": (["--output_dir", blocker / "out"], "not writable"),
         "unknown template": (["--prompt_template_name", "nope"], "--prompt_template_name 'nope'"),
         "unreachable hub model": (["--base_model", "huggyllama/llama-7b"], "could not load its tokenizer"),
+        "unknown chat template": (["--chat_template", "vicuna"], "--chat_template 'vicuna': no such template"),
+        "conversations, no template": (["--data_path", chats], "--chat_template: the data are conversations and the "
+                                                               "base model's tokenizer has no chat template"),
+        "a row the template refuses": (["--data_path", chats, "--chat_template", alternating],
+                                       "1 bad row(s) of 12: row 2: chat template"),
+        "a marker not in the vocabulary": (["--data_path", chats, "--chat_template", "chatml"],
+                                           "chat template chatml: it writes no special token of this tokenizer"),
     }
 
 
