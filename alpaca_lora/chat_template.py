@@ -28,10 +28,12 @@ from .errors import first_line
 from .templates import TEMPLATES_DIR
 
 TOKENIZER_TEMPLATE = "tokenizer"  # --chat_template value: the base model's tokenizer's own template
-# Llama 3's templates print today's date unless given `date_string`: they get this one, so that training, its
-# tokenization cache and inference render the same text on any day (the date Llama 3.1's template falls back to;
-# transformers passes templates no functions, so strftime_now itself cannot be fixed)
+# Llama 3.2's template prints today's date (strftime_now) unless `date_string` is set: a template that reads the clock
+# gets this date set at its top, so that training, its tokenization cache, inference and whatever later renders the
+# exported template (transformers, llama.cpp, vLLM) produce the same text on any day. It is the date Llama 3.1's
+# template falls back to; transformers passes templates no functions, so strftime_now itself cannot be replaced.
 FIXED_DATE = datetime(2024, 7, 26).strftime("%d %b %Y")
+_SET_FIXED_DATE = "{%- if date_string is not defined %}{%- set date_string = \"" + FIXED_DATE + "\" %}{%- endif -%}\n"
 _SENTINEL = "\ue000assistant message {}\ue001"  # private-use characters, which no template trims or escapes
 
 
@@ -67,9 +69,12 @@ def load_chat_template(name: str, tokenizer) -> ChatTemplate:
         if not isinstance(source, str) or not source:
             raise ValueError(f"--chat_template {name}: the base model's tokenizer has no chat template (base models "
                              f"ship without one); pass one of {', '.join(available_chat_templates())}")
-        return ChatTemplate(name, source)
-    path = Path(name).expanduser() if name.endswith(".jinja") else TEMPLATES_DIR / f"{name}.jinja"
-    return ChatTemplate(name if name.endswith(".jinja") else path.stem, path.read_text(encoding="utf-8"))
+    else:
+        path = Path(name).expanduser() if name.endswith(".jinja") else TEMPLATES_DIR / f"{name}.jinja"
+        name, source = (name if name.endswith(".jinja") else path.stem), path.read_text(encoding="utf-8")
+    if "strftime_now" in source and not source.startswith(_SET_FIXED_DATE):
+        source = _SET_FIXED_DATE + source
+    return ChatTemplate(name, source)
 
 
 def chat_template_for(name: str, tokenizer, conversations: bool) -> ChatTemplate | None:
@@ -90,8 +95,7 @@ def render(template: ChatTemplate, tokenizer, messages: list[dict], add_generati
     """The template's text for `messages`; a template that raises (e.g. no system role) is a ValueError."""
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template.source, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             date_string=FIXED_DATE)
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja's TemplateError from raise_exception, or any error in the template's code
         raise ValueError(f"chat template {template.name}: {first_line(error)}") from None
 

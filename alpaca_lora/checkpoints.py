@@ -27,7 +27,8 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 # flags whose change would make the resumed run a different run (other examples, order, shapes or model)
 MUST_MATCH = ("base_model", "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "seed", "train_on_inputs",
-              "group_by_length", "prompt_template_name", "lora_r", "num_epochs")
+              "group_by_length", "prompt_template_name", "chat_template", "lora_r", "num_epochs")
+SAVED_BEFORE = {"chat_template": ""}  # what a checkpoint written before a flag existed ran with
 
 
 def save_adapter_only(accelerator) -> None:
@@ -80,7 +81,8 @@ def load_checkpoint(folder: Path, model, accelerator, arguments: dict, data_sha2
     """Restore the adapter, optimizer, schedule and RNGs from `folder`; returns the step it was saved at."""
     state = _read_state(folder)
     saved = state["arguments"]
-    changed = [f"{k} ({saved.get(k)!r} -> {arguments[k]!r})" for k in MUST_MATCH if saved.get(k) != arguments[k]]
+    changed = [f"{k} ({saved.get(k, SAVED_BEFORE.get(k))!r} -> {arguments[k]!r})" for k in MUST_MATCH
+               if saved.get(k, SAVED_BEFORE.get(k)) != arguments[k]]
     if state["data_sha256"] != data_sha256:
         changed.append("data_path contents")
     if changed:

@@ -3,7 +3,7 @@ training trains exactly each assistant message and its end-of-turn marker, and t
 for token, the context training saw before the same answer."""
 
 import pytest
-from conftest import TEMPLATE_VOCABULARIES, VOCABULARIES, chat_template_path, conversations, supports_system
+from conftest import REPO, TEMPLATE_VOCABULARIES, VOCABULARIES, chat_template_path, conversations, supports_system
 
 from alpaca_lora.chat_template import (FIXED_DATE, available_chat_templates, bos_ids, check_chat_template_name,
                                        end_of_turn_ids, load_chat_template, prompt_text, render_conversation)
@@ -83,11 +83,17 @@ def test_the_inference_prompt_is_the_context_training_saw(template, tokenizer_of
                 assert prompt == ids[:start], (template, turn)
 
 
-def test_llama_templates_render_the_same_date_every_day(tokenizer_of):
+def test_a_template_that_reads_the_clock_renders_the_same_date_every_day(tokenizer_of):
+    """Llama 3.2's template prints today's date; loaded, it carries a fixed one, so any renderer of the saved
+    template (here transformers' own, with no extra arguments) writes what training saw."""
     template = "meta-llama-Llama-3.2-3B-Instruct.jinja"
     tokenizer = tokenizer_of(template)
     chat = load_chat_template(chat_template_path(template), tokenizer)
     assert f"Today Date: {FIXED_DATE}" in prompt_text(chat, tokenizer, [{"role": "user", "content": "Hi"}])
+    plain = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=chat.source, tokenize=False)
+    assert f"Today Date: {FIXED_DATE}\n" in plain and plain.startswith("<|begin_of_text|><|start_header_id|>")
+    chatml = load_chat_template("chatml", tokenizer_of("chatml"))
+    assert chatml.source == (REPO / "templates" / "chatml.jinja").read_text()  # the clock-free ones stay as they are
 
 
 def test_shipped_templates_are_listed_and_unknown_names_say_what_exists(tmp_path):

@@ -9,7 +9,7 @@ from alpaca_lora.checkpoints import load_checkpoint, resume_source, save_adapter
 from alpaca_lora.model import attach_lora, load_model
 
 ARGUMENTS = {"base_model": "tiny", "batch_size": 8, "micro_batch_size": 4, "cutoff_len": 512, "val_set_size": 8,
-             "seed": 0, "train_on_inputs": False, "group_by_length": False, "prompt_template_name": "alpaca",
+             "seed": 0, "train_on_inputs": False, "group_by_length": False, "prompt_template_name": "alpaca", "chat_template": "",
              "lora_r": 8, "num_epochs": 1}
 
 

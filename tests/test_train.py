@@ -118,6 +118,9 @@ def test_resuming_with_other_settings_is_refused(tiny_base, alpaca_file, tmp_pat
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*batch_size \(8 -> 16\)"):
         train(tiny_config(tiny_base, alpaca_file, tmp_path / "x", batch_size=16,
                           resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
+    with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*chat_template \('' -> 'alpaca'\)"):
+        train(tiny_config(tiny_base, alpaca_file, tmp_path / "y", chat_template="alpaca",
+                          resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2")))
 
 
 def test_only_the_last_checkpoints_are_kept(tiny_base, alpaca_file, tmp_path):
