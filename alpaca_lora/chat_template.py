@@ -15,12 +15,11 @@ splitting off `</think>`) cannot be trained on exactly.
 The prompt at inference (`prompt_text`) is the rendering of the conversation with one more assistant message, cut
 where that message starts: what the model sees before an answer is, character for character, what it saw in
 training before the last answer of the same conversation, also for templates that render the last turn their own
-way (Qwen3's empty think block; Mistral's system message, which goes into the last user turn only).
+way (Qwen3's empty think block; Mistral Nemo's system message, which goes into the last user turn only).
 """
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,7 +31,7 @@ TOKENIZER_TEMPLATE = "tokenizer"  # --chat_template value: the base model's toke
 # gets this date set at its top, so that training, its tokenization cache, inference and whatever later renders the
 # exported template (transformers, llama.cpp, vLLM) produce the same text on any day. It is the date Llama 3.1's
 # template falls back to; transformers passes templates no functions, so strftime_now itself cannot be replaced.
-FIXED_DATE = datetime(2024, 7, 26).strftime("%d %b %Y")
+FIXED_DATE = "26 Jul 2024"
 _SET_FIXED_DATE = "{%- if date_string is not defined %}{%- set date_string = \"" + FIXED_DATE + "\" %}{%- endif -%}\n"
 _SENTINEL = "\ue000assistant message {}\ue001"  # private-use characters, which no template trims or escapes
 
@@ -91,11 +90,11 @@ def chat_template_for(name: str, tokenizer, conversations: bool) -> ChatTemplate
     return load_chat_template(TOKENIZER_TEMPLATE, tokenizer)
 
 
-def render(template: ChatTemplate, tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The template's text for `messages`; a template that raises (e.g. no system role) is a ValueError."""
+def render(template: ChatTemplate, tokenizer, messages: list[dict]) -> str:
+    """The template's text for `messages`; a template that raises (e.g. no system role) is a ValueError. (Prompts
+    are cut from a rendering, never made with add_generation_prompt: see prompt_text.)"""
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template.source, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, chat_template=template.source, tokenize=False)
     except Exception as error:  # jinja's TemplateError from raise_exception, or any error in the template's code
         raise ValueError(f"chat template {template.name}: {first_line(error)}") from None
 
