@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapter_folder import AdapterDescription, arguments_table, describe_adapter
+from .chat_template import bos_ids
 from .errors import first_line
 from .files import staged
 from .llama_layout import meta_state_dict, meta_to_hf_rotary
@@ -60,7 +61,7 @@ def export(config: ExportConfig, write=print) -> dict:
     cpu = torch.device("cpu")
 
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     base = load_model(base_model, None, False, cpu)  # full precision, fp32
     # the adapter folder's tokenizer is the one trained with: its pad token and chat template travel into the export
@@ -90,7 +91,15 @@ def export(config: ExportConfig, write=print) -> dict:
     if config.gguf:
         from .gguf_export import write_gguf
 
-        report["gguf"] = write_gguf(merged.config, merged_state, base_model, config, write)
+        folders = [Path(config.lora_weights).expanduser(), Path(base_model).expanduser()]
+        tokenizer_folder = next((f for f in folders if (f / "tokenizer.json").is_file()), folders[0])
+        sentencepiece_model = next((f / "tokenizer.model" for f in folders if (f / "tokenizer.model").is_file()), None)
+        chat_template = adapter.chat_template["source"] if adapter.chat_template else None
+        stop_token_ids = (GenerationConfig.from_pretrained(folders[0]).eos_token_id if trained_tokenizer and
+                          (folders[0] / "generation_config.json").is_file() else [tokenizer.eos_token_id])
+        stop_token_ids = stop_token_ids if isinstance(stop_token_ids, list) else [stop_token_ids]
+        report["gguf"] = write_gguf(merged.config, merged_state, tokenizer_folder, sentencepiece_model, tokenizer,
+                                    chat_template, stop_token_ids, bool(bos_ids(tokenizer)), config, write)
     if config.meta_checkpoint:
         report["meta"] = _export_meta(merged.config, merged_state, base_model, config, write)
     return report

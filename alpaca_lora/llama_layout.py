@@ -1,8 +1,8 @@
-"""LLaMA's weights under other formats' names: Meta's checkpoint layout and llama.cpp's GGUF tensor names.
+"""LLaMA's weights in Meta's checkpoint layout, and the rotary re-layout that it shares with GGUF.
 
 Hugging Face stores each head's q/k rows rotated in two halves; Meta's checkpoints and GGUF interleave them.
-Both exports (export.py for Meta's layout, gguf_export.py for GGUF) re-lay the merged weights through
-`interleaved_layout`, with their own table of names.
+export.py writes Meta's layout through `meta_state_dict`; gguf_export.py re-lays LLaMA-architecture q and k with
+`hf_to_meta_rotary` and names its tensors with the gguf package's map.
 """
 
 import torch
@@ -11,9 +11,6 @@ META_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention
               "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
               "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
               "post_attention_layernorm": "ffn_norm"}
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
 def hf_to_meta_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -30,7 +27,7 @@ def meta_to_hf_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 def interleaved_layout(model_config, state: dict, names: dict, embedding: str, norm: str, output: str,
                        layer_format: str) -> dict:
     """Merged HF weights under another format's names, q and k re-laid in the interleaved rotary order that
-    Meta's checkpoints and GGUF use. `names` maps HF's per-layer module names to the format's."""
+    Meta's checkpoints use. `names` maps HF's per-layer module names to the format's."""
     n_heads = model_config.num_attention_heads
     n_kv = getattr(model_config, "num_key_value_heads", None) or n_heads
     out = {embedding: state["model.embed_tokens.weight"], norm: state["model.norm.weight"],
@@ -51,9 +48,3 @@ def meta_state_dict(model_config, state: dict, dtype: torch.dtype) -> dict:
     weights = interleaved_layout(model_config, state, META_NAMES, "tok_embeddings.weight", "norm.weight",
                                  "output.weight", "layers.{layer}.{name}.weight")
     return {k: v.to(dtype).contiguous() for k, v in weights.items()}
-
-
-def gguf_state_dict(model_config, state: dict) -> dict:
-    """Merged HF weights under llama.cpp's names, q and k in the interleaved rotary layout."""
-    return interleaved_layout(model_config, state, GGUF_NAMES, "token_embd.weight", "output_norm.weight",
-                              "output.weight", "blk.{layer}.{name}.weight")

@@ -2,6 +2,7 @@
 settings for it, and a fake OpenAI-compatible server. No test module imports another: what two share is here."""
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -200,10 +201,12 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=12), "llama-spm", "mistral"),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True), "qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja"),
     "qwen3": ("Qwen3Config", dict(head_dim=8), "qwen2", "Qwen-Qwen3-0.6B.jinja"),
-    "gemma2": ("Gemma2Config", dict(head_dim=8, sliding_window=12, final_logit_softcapping=0.05,
-                                    attn_logit_softcapping=0.5), "gemma", "google-gemma-2-2b-it.jinja"),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=8, sliding_window=12, final_logit_softcapping=0.05,
-                                        layer_types=["sliding_attention", "full_attention"]), "gemma", "gemma"),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=12,
+                                    final_logit_softcapping=0.05, attn_logit_softcapping=0.5), "gemma",
+               "google-gemma-2-2b-it.jinja"),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=12,
+                                        final_logit_softcapping=0.05, layer_types=["sliding_attention", "full_attention"]),
+               "gemma", "gemma"),
     "phi3": ("Phi3Config", dict(), "phi-3", "microsoft-Phi-3.5-mini-instruct.jinja"),
 }
 # each shared template with the real vocabulary of its family (SmolLM3's is Llama 3's with ChatML markers, which
@@ -243,12 +246,31 @@ def vocabulary(tmp_path_factory, alpaca_rows):
 
 
 def _gguf_tokenizer(folder: Path, name: str) -> Path:
+    """The tokenizer folder a model of that vocabulary ships: tokenizer.json, and for SentencePiece vocabularies the
+    tokenizer.model (pieces, scores and types as llama.cpp's file holds them)."""
+    import gguf
+    import sentencepiece.sentencepiece_model_pb2 as model_pb2
     from transformers import AutoTokenizer
 
-    gguf = VOCABULARIES / f"ggml-vocab-{name}.gguf"
-    if not gguf.exists():
-        pytest.skip(f"{gguf} is absent (../shared is not beside this clone)")
-    AutoTokenizer.from_pretrained(VOCABULARIES, gguf_file=gguf.name).save_pretrained(folder)
+    path = VOCABULARIES / f"ggml-vocab-{name}.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is not beside this clone)")
+    AutoTokenizer.from_pretrained(VOCABULARIES, gguf_file=path.name).save_pretrained(folder)
+    reader = gguf.GGUFReader(str(path))
+    if reader.fields["tokenizer.ggml.model"].contents() == "llama":
+        model = model_pb2.ModelProto()
+        fields = [reader.fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type")]
+        for i, (piece, score, kind) in enumerate(zip(*fields)):
+            # GGUF numbers token types as SentencePiece does; Phi-3's file also marks its padding pieces unknown,
+            # which SentencePiece allows one piece to be
+            kind = model_pb2.ModelProto.SentencePiece.UNUSED if kind == 2 and i else kind
+            model.pieces.add(piece=piece, score=score, type=kind)
+        model.trainer_spec.model_type = model_pb2.TrainerSpec.BPE
+        model.trainer_spec.byte_fallback = True
+        model.normalizer_spec.add_dummy_prefix = True
+        model.normalizer_spec.remove_extra_whitespaces = False
+        model.normalizer_spec.name = "identity"
+        (folder / "tokenizer.model").write_bytes(model.SerializeToString())
     return folder
 
 
@@ -277,11 +299,13 @@ def _gemma_tokenizer(folder: Path, rows) -> Path:
 
 @pytest.fixture(scope="session")
 def family_base(vocabulary, tmp_path_factory):
-    """family -> the folder of a tiny random model of that architecture (2 layers, 32 wide) with its vocabulary."""
+    """family -> the folder of a tiny random model of that architecture (2 layers, 32 wide) with its vocabulary;
+    `overrides` change its config (a separate folder each)."""
     bases = {}
 
-    def base(family: str) -> Path:
-        if family not in bases:
+    def base(family: str, **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in bases:
             import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -292,13 +316,15 @@ def family_base(vocabulary, tmp_path_factory):
                 vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, **settings)
+                pad_token_id=tokenizer.pad_token_id, **{**settings, **overrides})
             torch.manual_seed(0)
             AutoModelForCausalLM.from_config(config).save_pretrained(folder)
             tokenizer.chat_template = None  # a base model's tokenizer ships without one
             tokenizer.save_pretrained(folder)
-            bases[family] = folder
-        return bases[family]
+            if (vocabulary(vocab) / "tokenizer.model").is_file():
+                shutil.copy(vocabulary(vocab) / "tokenizer.model", folder)
+            bases[key] = folder
+        return bases[key]
     return base
 
 

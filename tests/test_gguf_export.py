@@ -1,0 +1,85 @@
+"""GGUF for every family: llama.cpp itself loads each exported file, tokenizes as the model's tokenizer does, computes
+the merged model's logits, and finds the chat template trained with and its end-of-turn token."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, chat_template_path, conversations, supports_system, tiny_config
+
+from alpaca_lora.chat_template import bos_ids, prompt_text, render
+from alpaca_lora.export import ExportConfig, export
+from alpaca_lora.generate import Generator
+from alpaca_lora.train import train
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def family_adapter(family_base, tmp_path_factory):
+    """family -> an adapter trained 1 step on its tiny base. Sliding windows are made longer than the test's text:
+    llama.cpp reads Gemma's window but runs Mistral as LLaMA, without one."""
+    adapters = {}
+
+    def adapter(family: str):
+        if family not in adapters:
+            overrides = {"sliding_window": 1024} if "sliding_window" in FAMILIES[family][1] else {}
+            # the real models' logit caps (Gemma 2: 30 and 50, Gemma 3: none): the tiny ones of the training tests
+            # squash the logits to +-0.05, where float rounding in the cap alone exceeds the tolerance below
+            if family == "gemma2":
+                overrides.update(final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+            if family == "gemma3":
+                overrides.update(final_logit_softcapping=None)
+            folder = tmp_path_factory.mktemp(f"gguf-{family}")
+            rows = conversations()
+            if not supports_system(FAMILIES[family][3]):
+                rows = [{"messages": [m for m in r["messages"] if m["role"] != "system"]} for r in rows]
+            (folder / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows * 4))
+            template = chat_template_path(FAMILIES[family][3])
+            train(tiny_config(family_base(family, **overrides), folder / "chat.jsonl", folder / "adapter",
+                              val_set_size=0, batch_size=4, micro_batch_size=2, max_steps=1, warmup_steps=0,
+                              learning_rate=5e-2, cutoff_len=256,
+                              chat_template=template))
+            adapters[family] = folder / "adapter", rows
+        return adapters[family]
+    return adapter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_reads_each_familys_gguf_as_the_merged_model(family, family_adapter, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'"
+                                                        " (builds llama.cpp, about 5 minutes)")
+    from transformers import AutoModelForCausalLM
+
+    adapter, rows = family_adapter(family)
+    export(ExportConfig(lora_weights=str(adapter), gguf=str(tmp_path / "m.gguf"), gguf_type="f32",
+                        output_dir=str(tmp_path / "hf"), dtype="float32"), write=quiet)
+    generator = Generator(lora_weights=str(adapter), bf16=False, device="cpu")
+    tokenizer = generator.tokenizer
+    conversation = rows[1]["messages"]
+    prompt = generator.conversation_ids(conversation[:-1])
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=512, logits_all=True, verbose=False, seed=0)
+    # the vocabulary: each conversation and each prompt, as a deployment renders them (the template's text, special
+    # tokens parsed, BOS added where the model wants one), gives training's ids
+    texts = [render(generator.chat_template, tokenizer, row["messages"]) for row in rows]
+    texts += [prompt_text(generator.chat_template, tokenizer, row["messages"][:-1]) for row in rows]
+    for text in texts:
+        expected = bos_ids(tokenizer, text) + tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=bool(bos_ids(tokenizer, text)), special=True) == expected, text
+    # the weights: llama.cpp's logits at every prompt position are the merged model's
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected_logits = merged(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    llm.eval(prompt)
+    got = np.asarray(llm.scores[:len(prompt)])
+    scale, error = np.abs(expected_logits).max(), np.abs(got - expected_logits).max()
+    print(f"{family}: llama.cpp's logits within {error:.2g} of the merged model's (largest {scale:.2g})")
+    assert error <= 1e-2 * scale  # a wrong layout or hyperparameter is off by tens of percent
+    # the chat template and the token that ends a turn
+    metadata = llm.metadata
+    assert metadata["tokenizer.chat_template"] == generator.chat_template.source
+    assert int(metadata["tokenizer.ggml.eot_token_id"]) == generator.stop_ids[0]
