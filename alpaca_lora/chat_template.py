@@ -167,6 +167,10 @@ def bos_ids(tokenizer, text: str = "") -> list[int]:
     return [bos]
 
 
+def starts_with_special_token(tokenizer, text: str) -> bool:
+    return _special_token_pattern(tokenizer).match(text) is not None
+
+
 def _special_token_pattern(tokenizer) -> re.Pattern:
     return _special_pattern(tuple(sorted(_special_tokens(tokenizer), key=len, reverse=True)))
 

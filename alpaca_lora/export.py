@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 
 from .adapter_folder import AdapterDescription, arguments_table, describe_adapter
-from .chat_template import bos_ids
 from .errors import first_line
 from .files import staged
 from .llama_layout import meta_state_dict, meta_to_hf_rotary
+from .gguf_export import PROBE_TEXT as PROBE
+from .gguf_export import export_gguf
+from .llama_cpp_checks import QUANTIZED_TYPES, llama_cpp_module
 from .model import load_model
 
-PROBE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 EXAMPLE_VALUES = {"lora_weights": "./lora-alpaca", "base_model": "huggyllama/llama-7b", "output_dir": "./merged",
                   "gguf": "./model.gguf", "meta_checkpoint": "./meta", "max_shard_size": "2GB"}
 
@@ -42,7 +43,9 @@ class ExportConfig:
     dtype: str = field(default="float16", metadata={"help": "weights of the HF checkpoint: float16, bfloat16 or float32"})
     max_shard_size: str = field(default="2GB", metadata={"help": "largest safetensors shard"})
     gguf: str = field(default="", metadata={"help": "also (or only) write a GGUF file for llama.cpp here"})
-    gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f32, f16, bf16 or q8_0"})
+    gguf_type: str = field(default="f16", metadata={
+        "help": "GGUF tensor type: f32, f16, bf16, q8_0, or llama.cpp's q4_0, q4_k_m, q5_k_m, q6_k (those need "
+                "llama-cpp-python)"})
     meta_checkpoint: str = field(default="", metadata={"help": "also (or only) write Meta's layout into this folder"})
     dequantize: bool = field(default=False, metadata={
         "help": "adapter trained on an 8/4-bit base: merge into the dequantized weights it was trained against"})
@@ -61,7 +64,7 @@ def export(config: ExportConfig, write=print) -> dict:
     cpu = torch.device("cpu")
 
     from peft import PeftModel
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     base = load_model(base_model, None, False, cpu)  # full precision, fp32
     # the adapter folder's tokenizer is the one trained with: its pad token and chat template travel into the export
@@ -89,17 +92,10 @@ def export(config: ExportConfig, write=print) -> dict:
     if config.output_dir:
         report["hf"] = _export_hf(merged, tokenizer, config, adapter, base_model, reference, base_logits, write)
     if config.gguf:
-        from .gguf_export import write_gguf
-
-        folders = [Path(config.lora_weights).expanduser(), Path(base_model).expanduser()]
-        tokenizer_folder = next((f for f in folders if (f / "tokenizer.json").is_file()), folders[0])
-        sentencepiece_model = next((f / "tokenizer.model" for f in folders if (f / "tokenizer.model").is_file()), None)
-        chat_template = adapter.chat_template["source"] if adapter.chat_template else None
-        stop_token_ids = (GenerationConfig.from_pretrained(folders[0]).eos_token_id if trained_tokenizer and
-                          (folders[0] / "generation_config.json").is_file() else [tokenizer.eos_token_id])
-        stop_token_ids = stop_token_ids if isinstance(stop_token_ids, list) else [stop_token_ids]
-        report["gguf"] = write_gguf(merged.config, merged_state, tokenizer_folder, sentencepiece_model, tokenizer,
-                                    chat_template, stop_token_ids, bool(bos_ids(tokenizer)), config, write)
+        report["gguf"] = export_gguf(merged, merged_state, Path(config.lora_weights).expanduser(),
+                                     Path(base_model).expanduser(), tokenizer,
+                                     adapter.chat_template["source"] if adapter.chat_template else None,
+                                     adapter.prompt_template, probe, reference, config, write)
     if config.meta_checkpoint:
         report["meta"] = _export_meta(merged.config, merged_state, base_model, config, write)
     return report
@@ -122,7 +118,9 @@ def _validate(config: ExportConfig) -> None:
     if config.dtype not in DTYPES:
         raise ValueError(f"--dtype {config.dtype!r}: use float16, bfloat16 or float32")
     if config.gguf_type not in GGUF_TYPES:
-        raise ValueError(f"--gguf_type {config.gguf_type!r}: use f32, f16, bf16 or q8_0")
+        raise ValueError(f"--gguf_type {config.gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
+    if config.gguf and config.gguf_type in QUANTIZED_TYPES:
+        llama_cpp_module(f"--gguf_type {config.gguf_type}")  # fails now, not after the merge
     for flag, path in (("output_dir", config.output_dir), ("meta_checkpoint", config.meta_checkpoint)):
         target = Path(path).expanduser() if path else None
         if target and target.exists() and (not target.is_dir() or any(target.iterdir())) and not config.overwrite:

@@ -9,23 +9,19 @@ pre-tokenizer llama.cpp must use), with the chat template trained with and its e
 back with gguf's reader and every tensor compared with the merged weights before it is renamed into place.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .files import staged
+from .gguf_vocabulary import add_vocabulary
 from .llama_layout import hf_to_meta_rotary
 
+PROBE_TEXT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype values: "all F32", "mostly F16", ...
 # Hugging Face model_type -> llama.cpp architecture (Mistral is the LLaMA architecture to llama.cpp)
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "phi3": "PHI3",
                  "gemma2": "GEMMA2", "gemma3_text": "GEMMA3"}
-# the byte-level pre-tokenizers llama.cpp knows, by their split regex in tokenizer.json
-BPE_PRE_TOKENIZERS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-}
 
 
 def architecture(model_config):
@@ -75,120 +71,6 @@ def _encode(name: str, array: np.ndarray, gguf_type: str):
     return gguf.quants.quantize(array, kind), kind
 
 
-def _sentencepiece_vocabulary(tokenizer_model: Path):
-    """Pieces, scores and token types from the SentencePiece model, as llama.cpp's LLaMA converter reads them."""
-    import gguf
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    tokens, scores, types = [], [], []
-    for i in range(processor.vocab_size()):
-        tokens.append(processor.id_to_piece(i).encode("utf-8"))
-        scores.append(processor.get_score(i))
-        kind = gguf.TokenType.NORMAL
-        if processor.is_unknown(i):
-            kind = gguf.TokenType.UNKNOWN
-        elif processor.is_control(i):
-            kind = gguf.TokenType.CONTROL
-        elif processor.is_unused(i):
-            kind = gguf.TokenType.UNUSED
-        elif processor.is_byte(i):
-            kind = gguf.TokenType.BYTE
-        types.append(kind)
-    return tokens, scores, types
-
-
-def _add_vocabulary(writer, folder: Path, sentencepiece_model: Path | None, tokenizer, vocab_size: int,
-                    chat_template: str | None) -> None:
-    """The tokenizer as llama.cpp reads it: SentencePiece ("llama": from the SentencePiece model where there is one
-    for this vocabulary, else from tokenizer.json) or byte-level BPE ("gpt2"), padded to the embedding rows with
-    unused tokens, as llama.cpp's converter pads it."""
-    import gguf
-
-    definition = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    byte_level = "ByteLevel" in json.dumps(definition.get("pre_tokenizer") or {})
-    if byte_level:
-        vocab = gguf.BpeVocab(folder)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(_pre_tokenizer_name(definition))
-    elif sentencepiece_model and _piece_count(sentencepiece_model) <= len(tokenizer):
-        vocab = None
-        tokens, scores, types = _sentencepiece_vocabulary(sentencepiece_model)
-        for token_id in range(len(tokens), len(tokenizer)):  # tokens added to the tokenizer after its model
-            tokens.append(tokenizer.convert_ids_to_tokens(token_id).encode("utf-8"))
-            scores.append(-1000.0)
-            types.append(gguf.TokenType.USER_DEFINED)
-        writer.add_tokenizer_model("llama")
-    else:  # SentencePiece-style BPE known only from tokenizer.json: llama.cpp merges the highest score first, so
-        # each merged piece scores minus its merge's rank, which replays the merges in their order
-        vocab = gguf.LlamaHfVocab(folder)
-        writer.add_tokenizer_model("llama")
-    if vocab is not None:
-        tokens, scores, types = [], [], []
-        for text, score, kind in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(kind)
-    if vocab is not None and not byte_level:
-        rank = {"".join(pair.split(" ") if isinstance(pair, str) else pair): i
-                for i, pair in enumerate(definition["model"].get("merges") or [])}
-        scores = [-float(rank[text.decode("utf-8", "replace")]) if text.decode("utf-8", "replace") in rank else score
-                  for text, score in zip(tokens, scores)]
-    # the tokenizer's added tokens, typed as llama.cpp's converter types them: special ones are control tokens
-    # (parsed out of text, never produced by splitting it), the others user-defined (also matched whole)
-    for token_id, added in tokenizer.added_tokens_decoder.items():
-        if token_id < len(types) and types[token_id] not in (gguf.TokenType.BYTE, gguf.TokenType.UNKNOWN):
-            types[token_id] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
-    if len(tokens) > vocab_size:
-        raise ValueError(f"--gguf: the tokenizer has {len(tokens)} tokens but the model {vocab_size} embeddings; "
-                         "GGUF needs one embedding per token")
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    if byte_level:
-        writer.add_token_merges([" ".join(pair) if isinstance(pair, list) else pair
-                                 for pair in definition["model"]["merges"]])
-    else:
-        writer.add_add_space_prefix(_space_prefix(definition, tokenizer, chat_template))
-
-
-def _space_prefix(definition: dict, tokenizer, chat_template: str | None) -> bool:
-    """llama.cpp's add_space_prefix for a SentencePiece vocabulary: whether a space goes before text that starts the
-    input or follows a special token, as the tokenizer puts one. Gemma's puts none. LLaMA's and Mistral's (Metaspace,
-    "first") put one before the very start only, which llama.cpp cannot do; their chat templates start with BOS as
-    text, so in a chat no space ever comes, and that is what the file says when it carries such a template."""
-    steps = json.dumps([definition.get("normalizer"), definition.get("pre_tokenizer")])
-    if '"Prepend"' in steps or '"prepend_scheme": "always"' in steps:
-        return True
-    if '"prepend_scheme": "first"' not in steps:
-        return False
-    from .chat_template import ChatTemplate, render
-
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    return not (chat_template and tokenizer.bos_token and
-                render(ChatTemplate("trained", chat_template), tokenizer, probe).startswith(tokenizer.bos_token))
-
-
-def _piece_count(tokenizer_model: Path) -> int:
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(tokenizer_model)).vocab_size()
-
-
-def _pre_tokenizer_name(definition: dict) -> str:
-    patterns = [step.get("pattern", {}).get("Regex") for step in (definition["pre_tokenizer"].get("pretokenizers") or
-                                                                   [definition["pre_tokenizer"]])]
-    for pattern in patterns:
-        if pattern in BPE_PRE_TOKENIZERS:
-            return BPE_PRE_TOKENIZERS[pattern]
-    raise ValueError("--gguf: this byte-level tokenizer splits text in a way llama.cpp knows by no name of the ones "
-                     f"exported here ({', '.join(sorted(set(BPE_PRE_TOKENIZERS.values())))}); nothing was written")
-
-
 def _add_hyperparameters(writer, arch, config) -> None:
     """What llama.cpp reads of the architecture, as its converter writes it for each family."""
     import gguf
@@ -222,42 +104,154 @@ def _add_hyperparameters(writer, arch, config) -> None:
         writer.add_rope_freq_base_swa(float(sliding.get("rope_theta") or config.rope_local_base_freq))
 
 
+def export_gguf(merged, state: dict, adapter_folder: Path, base_folder: Path, tokenizer, chat_template: str | None,
+                prompt_template: str | None, probe, reference_logits, config, write) -> dict:
+    """The GGUF export as export.py asks for it: the vocabulary from the adapter's tokenizer files (or the base's),
+    the stop tokens from the adapter's generation_config.json, and llama.cpp's checks where llama-cpp-python is."""
+    from transformers import GenerationConfig
+
+    from .chat_template import bos_ids
+
+    folders = [adapter_folder, base_folder]
+    tokenizer_folder = next((f for f in folders if (f / "tokenizer.json").is_file()), adapter_folder)
+    sentencepiece_model = next((f / "tokenizer.model" for f in folders if (f / "tokenizer.model").is_file()), None)
+    stops = (GenerationConfig.from_pretrained(adapter_folder).eos_token_id
+             if (adapter_folder / "generation_config.json").is_file() else tokenizer.eos_token_id)
+    stops = stops if isinstance(stops, list) else [stops]
+    check = _llama_cpp_check(tokenizer, chat_template, adapter_folder, probe, reference_logits, config.gguf_type)
+    report = write_gguf(merged.config, state, tokenizer_folder, sentencepiece_model, tokenizer, chat_template, stops,
+                        bool(bos_ids(tokenizer)), config, write, check)
+    report["modelfile"] = str(write_modelfile(Path(config.gguf).expanduser(), chat_template, prompt_template,
+                                              tokenizer.convert_ids_to_tokens(stops)))
+    write(f"wrote {report['modelfile']}: `ollama create NAME -f {report['modelfile']}`")
+    return report
+
+
+def write_modelfile(gguf_path: Path, chat_template: str | None, prompt_template: str | None,
+                    stop_tokens: list[str]) -> Path:
+    """An Ollama Modelfile beside the GGUF: FROM it, the prompt as a Go template where the chat template trained
+    with is a shipped one (templates/ollama/, hand-translated; also the `alpaca` prompt template's, without input),
+    and a stop for each token that ends an answer."""
+    from .chat_template import TEMPLATES_DIR, available_chat_templates
+    from .files import write_text_atomically
+
+    shipped = {(TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8"): name for name in available_chat_templates()}
+    name = shipped.get(chat_template) if chat_template else prompt_template
+    go_template = TEMPLATES_DIR / "ollama" / f"{name}.tmpl" if name else None
+    lines = [f"# Ollama Modelfile for {gguf_path.name}, written by alpaca-lora's export_hf.py", f"FROM ./{gguf_path.name}"]
+    if go_template and go_template.is_file():
+        lines.append(f'TEMPLATE """{go_template.read_text(encoding="utf-8")}"""')
+    else:
+        lines.append("# no TEMPLATE: the template trained with has no Go translation here; Ollama takes the GGUF's "
+                     "tokenizer.chat_template where it recognises one")
+    lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
+    path = gguf_path.with_suffix(".Modelfile")
+    write_text_atomically(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _llama_cpp_check(tokenizer, chat_template: str | None, adapter_folder: Path, probe, reference_logits,
+                     gguf_type: str):
+    """The check write_gguf runs on the staged file, or None without llama-cpp-python (f32 ... q8_0 only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from .chat_template import ChatTemplate, render
+    from .conversations import conversation_of
+    from .llama_cpp_checks import check_gguf
+
+    texts = [PROBE_TEXT]
+    if chat_template:  # conversations as a deployment renders them: the held-out rows, or a sample
+        chat = ChatTemplate("trained", chat_template)
+        rows = _held_out_rows(adapter_folder) or [{"instruction": "Name three colours.", "output": "Red, green, blue."}]
+        texts = [render(chat, tokenizer, conversation_of(row)) for row in rows[:8]]
+    held_out = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]][:128]
+
+    def check(path: Path, f16_path: Path | None) -> dict:
+        return check_gguf(path, f16_path, gguf_type, tokenizer, texts, probe[0].tolist(), reference_logits.numpy(),
+                          held_out)
+    return check
+
+
+def _held_out_rows(adapter_folder: Path) -> list[dict]:
+    import json
+
+    path = adapter_folder / "validation_rows.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
 def write_gguf(model_config, state: dict, tokenizer_folder: Path, sentencepiece_model: Path | None, tokenizer,
-               chat_template: str | None, stop_token_ids: list[int], bos: bool, config, write) -> dict:
-    """The GGUF file of the merged model, its vocabulary, chat template and stop token; read back and checked."""
+               chat_template: str | None, stop_token_ids: list[int], bos: bool, config, write, check=None) -> dict:
+    """The GGUF file of the merged model, its vocabulary, chat template and stop token; read back and checked, then
+    (`check`, given the staged file and the f16 file a llama.cpp type is quantized from) checked by llama.cpp."""
+    from .llama_cpp_checks import QUANTIZED_TYPES, quantize
+
+    tensors = gguf_tensors(model_config, state)
+    target = Path(config.gguf).expanduser()
+    by_llama_cpp = config.gguf_type in QUANTIZED_TYPES  # written f16 first, then quantized by llama.cpp
+    with staged(target) as staging:
+        first = staging.with_name(staging.name + ".f16") if by_llama_cpp else staging
+        try:
+            _write_file(first, model_config, tensors, tokenizer_folder, sentencepiece_model, tokenizer, chat_template,
+                        stop_token_ids, bos, config, "f16" if by_llama_cpp else config.gguf_type)
+            worst = verify_gguf(first, tensors, "f16" if by_llama_cpp else config.gguf_type)
+            if by_llama_cpp:
+                quantize(first, staging, config.gguf_type)
+            report = {"tensors": len(tensors), "max_abs_error": worst}
+            if check:
+                report["llama_cpp"] = check(staging, first if by_llama_cpp else None)
+        finally:
+            if by_llama_cpp and first.exists():
+                first.unlink()
+    checked = report.get("llama_cpp")
+    write(f"wrote {target}: {len(tensors)} tensors ({config.gguf_type}), largest error read back {worst:.3g}"
+          + (f"; llama.cpp: {_described(checked)}" if checked else
+             "; not checked by llama.cpp (llama-cpp-python is not installed)"))
+    return report
+
+
+def _described(checked: dict) -> str:
+    parts = [f"tokenizes {checked['tokens_checked']} texts as the tokenizer"]
+    if "max_logit_error" in checked:
+        parts.append(f"probe logits within {checked['max_logit_error']:.3g} of base + adapter")
+    if "log_prob_drop" in checked:
+        parts.append(f"mean log-probability per held-out token {checked['mean_log_prob']:.4f} against the f16 file's "
+                     f"{checked['f16_mean_log_prob']:.4f} (a drop of {checked['log_prob_drop']:.4f}, allowed "
+                     f"{checked['log_prob_bound']})")
+    return "; ".join(parts)
+
+
+def _write_file(path: Path, model_config, tensors: dict, tokenizer_folder: Path, sentencepiece_model: Path | None,
+                tokenizer, chat_template: str | None, stop_token_ids: list[int], bos: bool, config,
+                gguf_type: str) -> None:
     import gguf
 
     arch = architecture(model_config)
-    tensors = gguf_tensors(model_config, state)
-    target = Path(config.gguf).expanduser()
-    with staged(target) as staging:
-        writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_name(Path(config.lora_weights).name)
-        _add_hyperparameters(writer, arch, model_config)
-        writer.add_vocab_size(model_config.vocab_size)
-        writer.add_file_type(FILE_TYPES[config.gguf_type])
-        _add_vocabulary(writer, tokenizer_folder, sentencepiece_model, tokenizer, model_config.vocab_size, chat_template)
-        if tokenizer.bos_token_id is not None:
-            writer.add_bos_token_id(tokenizer.bos_token_id)
-        writer.add_eos_token_id(tokenizer.eos_token_id)
-        if tokenizer.unk_token_id is not None:
-            writer.add_unk_token_id(tokenizer.unk_token_id)
-        writer.add_pad_token_id(tokenizer.pad_token_id)  # the pad token training used
-        writer.add_add_bos_token(bos)
-        writer.add_add_eos_token(False)
-        if chat_template:  # the template trained with, and the token that ends its turns
-            writer.add_chat_template(chat_template)
-            writer.add_eot_token_id(stop_token_ids[0])
-        for name, array in tensors.items():
-            data, raw_dtype = _encode(name, array, config.gguf_type)
-            writer.add_tensor(name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        worst = verify_gguf(staging, tensors, config.gguf_type)
-    write(f"wrote {target}: {len(tensors)} tensors ({config.gguf_type}), largest error read back {worst:.3g}")
-    return {"tensors": len(tensors), "max_abs_error": worst}
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(config.lora_weights).name)
+    _add_hyperparameters(writer, arch, model_config)
+    writer.add_vocab_size(model_config.vocab_size)
+    writer.add_file_type(FILE_TYPES[gguf_type])
+    add_vocabulary(writer, tokenizer_folder, sentencepiece_model, tokenizer, model_config.vocab_size, chat_template)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)  # the pad token training used
+    writer.add_add_bos_token(bos)
+    writer.add_add_eos_token(False)
+    if chat_template:  # the template trained with, and the token that ends its turns
+        writer.add_chat_template(chat_template)
+        writer.add_eot_token_id(stop_token_ids[0])
+    for name, array in tensors.items():
+        data, raw_dtype = _encode(name, array, gguf_type)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def read_gguf_tensors(path: Path) -> dict[str, np.ndarray]:

@@ -37,14 +37,19 @@ def quantize(source: Path, target: Path, gguf_type: str) -> None:
 
 def load(path: Path):
     llama_cpp = llama_cpp_module("checking the GGUF file")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=2048, logits_all=True, verbose=False, seed=0)
+    # logits_all keeps n_ctx x vocabulary floats (2048 x 152K would be 1.2 GB): the checks need under 256 positions
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, seed=0)
 
 
 def check_tokens(llm, tokenizer, texts: list[str]) -> None:
-    """llama.cpp splits each text (special tokens included) into the ids the model's own tokenizer gives."""
+    """llama.cpp splits each text (special tokens parsed, BOS added where the model wants one) into the ids training
+    made of it."""
+    from .chat_template import bos_ids
+
     for text in texts:
-        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-        got = llm.tokenize(text.encode(), add_bos=False, special=True)
+        bos = bos_ids(tokenizer, text)
+        expected = bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+        got = llm.tokenize(text.encode(), add_bos=bool(bos), special=True)
         if got != expected:
             raise ValueError(f"--gguf: llama.cpp tokenizes {text[:40]!r} as {got[:8]}..., the tokenizer as "
                              f"{expected[:8]}...; nothing was written")
@@ -57,8 +62,9 @@ def logits(llm, ids: list[int]) -> np.ndarray:
     return np.asarray(llm.scores[:len(ids)], dtype=np.float32)
 
 
-def check_logits(got: np.ndarray, expected: np.ndarray, relative: float) -> float:
-    """llama.cpp's logits for the probe are the merged model's, within `relative` of their largest value."""
+def check_logits(got: np.ndarray, expected: np.ndarray, relative: float = 1e-2) -> float:
+    """llama.cpp's logits for the probe are the merged model's, within `relative` of their largest value (its KV
+    cache is f16; a wrong layout or hyperparameter is off by tens of percent)."""
     error, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
     if error > relative * scale:
         raise ValueError(f"--gguf: llama.cpp's logits for the probe differ from the merged model's by {error:.3g} "
@@ -81,3 +87,21 @@ def check_quantization_loss(quantized: float, reference: float, gguf_type: str) 
                          f"held-out text is {drop:.3f} nats below the f16 file's (allowed {LOG_PROB_BOUNDS[gguf_type]}); "
                          "nothing was written")
     return drop
+
+
+def check_gguf(path: Path, f16_path: Path | None, gguf_type: str, tokenizer, texts: list[str], probe_ids: list[int],
+               reference_logits: np.ndarray, held_out_ids: list[int]) -> dict:
+    """Every check of a staged GGUF file: its tokens for `texts`; for an f32/f16 file, its logits for the probe;
+    for a file llama.cpp quantized, its mean log-probability of the held-out ids against the f16 file's."""
+    llm = load(path)
+    check_tokens(llm, tokenizer, texts)
+    report = {"tokens_checked": len(texts)}
+    if gguf_type in ("f32", "f16"):
+        report["max_logit_error"] = check_logits(logits(llm, probe_ids), reference_logits)
+    if f16_path is not None:
+        quantized, reference = mean_log_prob(llm, held_out_ids), mean_log_prob(load(f16_path), held_out_ids)
+        report.update(mean_log_prob=quantized, f16_mean_log_prob=reference,
+                      log_prob_drop=check_quantization_loss(quantized, reference, gguf_type),
+                      log_prob_bound=LOG_PROB_BOUNDS[gguf_type])
+    del llm
+    return report

@@ -256,8 +256,8 @@ def _gguf_tokenizer(folder: Path, name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared is not beside this clone)")
     AutoTokenizer.from_pretrained(VOCABULARIES, gguf_file=path.name).save_pretrained(folder)
-    reader = gguf.GGUFReader(str(path))
-    if reader.fields["tokenizer.ggml.model"].contents() == "llama":
+    if name in ("llama-spm", "phi-3"):  # the SentencePiece ones (gguf's reader takes ~20 s on a 128K BPE vocabulary)
+        reader = gguf.GGUFReader(str(path))
         model = model_pb2.ModelProto()
         fields = [reader.fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type")]
         for i, (piece, score, kind) in enumerate(zip(*fields)):

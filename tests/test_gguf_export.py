@@ -83,3 +83,46 @@ def test_llama_cpp_reads_each_familys_gguf_as_the_merged_model(family, family_ad
     metadata = llm.metadata
     assert metadata["tokenizer.chat_template"] == generator.chat_template.source
     assert int(metadata["tokenizer.ggml.eot_token_id"]) == generator.stop_ids[0]
+
+
+# q4_k_m for every family, every other type for one (Gemma 3's small vocabulary reads back fast: gguf's reader takes
+# ~20 s over a 128K one)
+QUANTIZED_CASES = [(family, "q4_k_m") for family in FAMILIES] + [
+    ("gemma3", gguf_type) for gguf_type in ("f16", "bf16", "q8_0", "q4_0", "q5_k_m", "q6_k")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, gguf_type", QUANTIZED_CASES)
+def test_each_type_is_checked_by_llama_cpp_in_the_export_run(family, gguf_type, family_adapter, tmp_path):
+    """The export itself has llama.cpp tokenize the held-out conversations, compare an f16 file's logits with base +
+    adapter, and bound what a quantized file loses in mean log-probability against the f16 file it was made from."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'")
+    import gguf
+
+    from alpaca_lora.llama_cpp_checks import LOG_PROB_BOUNDS
+
+    adapter, _ = family_adapter(family)
+    lines = []
+    report = export(ExportConfig(lora_weights=str(adapter), gguf=str(tmp_path / "m.gguf"), gguf_type=gguf_type),
+                    write=lines.append)["gguf"]["llama_cpp"]
+    said = next(line for line in lines if line.startswith(f"wrote {tmp_path / 'm.gguf'}:"))
+    assert report["tokens_checked"] >= 1 and "; llama.cpp: tokenizes" in said
+    if gguf_type == "f16":
+        assert report["max_logit_error"] >= 0
+    if gguf_type in LOG_PROB_BOUNDS:
+        assert 0 <= abs(report["log_prob_drop"]) <= report["log_prob_bound"] == LOG_PROB_BOUNDS[gguf_type]
+        assert report["mean_log_prob"] < 0 and not (tmp_path / "m.gguf.staging.f16").exists()
+    file_type = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents()
+    assert file_type == {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}[gguf_type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]  # nothing else left behind
+    modelfile = (tmp_path / "m.Modelfile").read_text()
+    assert "FROM ./m.gguf\n" in modelfile and f'PARAMETER stop "{_stop_token(adapter)}"' in modelfile
+    # a shipped chat template goes into Ollama's TEMPLATE (Go) translated; a vendor's is left to Ollama
+    assert ('TEMPLATE """' in modelfile) == (not FAMILIES[family][3].endswith(".jinja"))
+
+
+def _stop_token(adapter) -> str:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    stops = GenerationConfig.from_pretrained(adapter).eos_token_id
+    return AutoTokenizer.from_pretrained(adapter).convert_ids_to_tokens(stops[0])
