@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, chat_template_path, conversations, supports_system, tiny_config
+from conftest import FAMILIES, REPO, chat_template_path, conversations, supports_system, tiny_config
 
 from alpaca_lora.chat_template import bos_ids, prompt_text, render
 from alpaca_lora.export import ExportConfig, export
@@ -126,3 +126,36 @@ def _stop_token(adapter) -> str:
 
     stops = GenerationConfig.from_pretrained(adapter).eos_token_id
     return AutoTokenizer.from_pretrained(adapter).convert_ids_to_tokens(stops[0])
+
+
+def test_the_demo_alpaca_adapter_gets_a_q4_k_m_file_and_a_modelfile_with_its_prompt(tiny_adapter, tmp_path):
+    """The README's deployment command on an Alpaca adapter: llama.cpp's q4_k_m, checked, and a Modelfile whose
+    TEMPLATE is the alpaca prompt (Ollama's Go template) and whose stop is EOS."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'")
+    lines = []
+    report = export(ExportConfig(lora_weights=str(tiny_adapter), gguf=str(tmp_path / "demo-q4_k_m.gguf"),
+                                 gguf_type="q4_k_m"), write=lines.append)["gguf"]
+    assert report["llama_cpp"]["log_prob_drop"] <= report["llama_cpp"]["log_prob_bound"]
+    modelfile = (tmp_path / "demo-q4_k_m.Modelfile").read_text()
+    template = (REPO / "templates" / "ollama" / "alpaca.tmpl").read_text()
+    assert modelfile == (f"# Ollama Modelfile for demo-q4_k_m.gguf, written by alpaca-lora's export_hf.py\n"
+                         f'FROM ./demo-q4_k_m.gguf\nTEMPLATE """{template}"""\nPARAMETER stop "</s>"\n')
+    assert lines[-1] == f"wrote {tmp_path / 'demo-q4_k_m.Modelfile'}: `ollama create NAME -f " \
+                        f"{tmp_path / 'demo-q4_k_m.Modelfile'}`"
+
+
+def test_llama_cpps_types_without_llama_cpp_python_are_one_line(tiny_adapter, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama_cpp(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
+    with pytest.raises(ValueError, match=r'^--gguf_type q5_k_m needs llama-cpp-python, which is not installed: pip '
+                                         r'install -e "\.\[llama-cpp\]"'):
+        export(ExportConfig(lora_weights=str(tiny_adapter), gguf=str(tmp_path / "m.gguf"), gguf_type="q5_k_m"),
+               write=quiet)
+    assert list(tmp_path.iterdir()) == []
