@@ -159,6 +159,11 @@ def run(args) -> None:
     data = data_file()
     peaks = {dtype: peak_matmul_flops(dtype) for dtype in ("fp32", "bf16")}
     print(f"peak matmul: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    # the default precision follows the CPU's flags (fast_bf16_available); here is whether the flags told the truth
+    import torch
+    from alpaca_lora.model import fast_bf16_available
+    chosen = "bf16" if fast_bf16_available(torch.device("cpu")) else "fp32"
+    print(f"default precision from the CPU's flags: {chosen}; faster here: {max(peaks, key=peaks.get)}")
     # (LoRA, cutoff, dtype, gradient checkpointing, memory): every setting at full speed with the default
     # allocator; then live memory: glibc keeps freed blocks, so peak RSS mostly shows what the allocator
     # retained; with a fixed 128 KB mmap threshold every tensor but the smallest goes back to the system when
