@@ -27,12 +27,17 @@ from .errors import first_line
 from .templates import TEMPLATES_DIR
 
 TOKENIZER_TEMPLATE = "tokenizer"  # --chat_template value: the base model's tokenizer's own template
-# Llama 3.2's template prints today's date (strftime_now) unless `date_string` is set: a template that reads the clock
-# gets this date set at its top, so that training, its tokenization cache, inference and whatever later renders the
+# Llama 3.2's template prints today's date (strftime_now) unless `date_string` is set, Llama 3.1's whatever date_string
+# the caller passes: a template that reads the clock or that variable gets this date set at its top, so that training, its tokenization cache, inference and whatever later renders the
 # exported template (transformers, llama.cpp, vLLM) produce the same text on any day. It is the date Llama 3.1's
-# template falls back to; transformers passes templates no functions, so strftime_now itself cannot be replaced.
+# template falls back to; transformers passes templates no functions, so strftime_now itself cannot be replaced. Set
+# whatever the caller passes: llama.cpp passes today's date as `date_string` (tested).
 FIXED_DATE = "26 Jul 2024"
-_SET_FIXED_DATE = "{%- if date_string is not defined %}{%- set date_string = \"" + FIXED_DATE + "\" %}{%- endif -%}\n"
+_SET_FIXED_DATE = "{%- set date_string = \"" + FIXED_DATE + "\" -%}\n"
+# Templates with a thinking switch (Qwen3, SmolLM3) write a trained answer after an empty think block (rows carry no
+# reasoning); whether their generation prompt writes that block depends on `enable_thinking`, which llama.cpp and
+# vLLM pass as true. It is set at the template's top to the value that makes the generation prompt training's.
+_SET_THINKING = "{%- set enable_thinking = "
 _SENTINEL = "\ue000assistant message {}\ue001"  # private-use characters, which no template trims or escapes
 
 
@@ -71,9 +76,29 @@ def load_chat_template(name: str, tokenizer) -> ChatTemplate:
     else:
         path = Path(name).expanduser() if name.endswith(".jinja") else TEMPLATES_DIR / f"{name}.jinja"
         name, source = (name if name.endswith(".jinja") else path.stem), path.read_text(encoding="utf-8")
-    if "strftime_now" in source and not source.startswith(_SET_FIXED_DATE):
+    # the settings go on top once: a saved adapter's template already has them
+    source = source.removeprefix(_SET_FIXED_DATE)
+    if "enable_thinking" in source and not source.startswith(_SET_THINKING):
+        source = _thinking_fixed(name, source, tokenizer)
+    if "strftime_now" in source or "date_string" in source:
         source = _SET_FIXED_DATE + source
     return ChatTemplate(name, source)
+
+
+def _thinking_fixed(name: str, source: str, tokenizer) -> str:
+    """The source with `enable_thinking` set at its top to the value under which the template's own generation prompt
+    is training's prompt (see _SET_THINKING); unchanged where neither value gives it."""
+    probe = [{"role": "user", "content": "Hi"}]
+    for value in ("false", "true"):
+        fixed = ChatTemplate(name, f"{_SET_THINKING}{value} -%}}\n{source}")
+        try:
+            generation_prompt = tokenizer.apply_chat_template(probe, chat_template=fixed.source, tokenize=False,
+                                                              add_generation_prompt=True)
+        except Exception:  # the template's own error shows when it is rendered for training
+            return source
+        if generation_prompt == prompt_text(fixed, tokenizer, probe):
+            return fixed.source
+    return source
 
 
 def chat_template_for(name: str, tokenizer, conversations: bool) -> ChatTemplate | None:
@@ -113,6 +138,10 @@ def render_conversation(template: ChatTemplate, tokenizer, messages: list[dict])
     for k, i in enumerate(assistant):
         masked[i]["content"] = sentinels[k]
     skeleton, text = render(template, tokenizer, masked), render(template, tokenizer, messages)
+    if messages[0]["role"] == "system" and messages[0]["content"].strip() not in text:
+        # Mistral Nemo's writes it only into a conversation's final user message, which training never has
+        raise ValueError(f"chat template {template.name}: it leaves out the system message of a conversation that "
+                         "ends with an answer, so the model would not be trained with it; drop system messages")
     pieces = re.split("|".join(map(re.escape, sentinels)), skeleton)
     if len(pieces) != len(sentinels) + 1:
         raise ValueError(f"chat template {template.name}: it does not write each assistant message once")

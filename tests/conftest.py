@@ -343,5 +343,26 @@ def conversations() -> list[dict]:
     ]
 
 
+LLAMA_CPP_CHAT_PROMPT = REPO / "tests" / "llama_cpp_chat_prompt" / "build" / "chat_prompt"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_chat_prompt():
+    """(GGUF path, messages) -> (token ids, prompt text) as llama-server makes them from the file's chat template:
+    llama.cpp's own template engine and tokenizer (tests/llama_cpp_chat_prompt/build.sh builds it; .ci/run does)."""
+    import subprocess
+
+    if not LLAMA_CPP_CHAT_PROMPT.is_file():
+        pytest.skip(f"{LLAMA_CPP_CHAT_PROMPT} is not built: bash tests/llama_cpp_chat_prompt/build.sh")
+
+    def chat_prompt(gguf: Path, messages: list[dict]) -> tuple[list[int], str]:
+        printed = subprocess.run([str(LLAMA_CPP_CHAT_PROMPT), str(gguf)], input=json.dumps(messages), text=True,
+                                 capture_output=True, check=True).stdout
+        ids, text = printed.split("\n", 1)
+        return [int(i) for i in ids.split()], text
+    return chat_prompt
+
+
 def supports_system(template: str) -> bool:
-    return "gemma-2" not in template  # Gemma 2's template raises on a system message
+    # Gemma 2's template raises on a system message; Mistral Nemo's leaves it out of trained conversations
+    return "gemma-2" not in template and "Mistral-Nemo" not in template

@@ -6,13 +6,14 @@ import pytest
 from conftest import REPO, TEMPLATE_VOCABULARIES, VOCABULARIES, chat_template_path, conversations, supports_system
 
 from alpaca_lora.chat_template import (FIXED_DATE, available_chat_templates, bos_ids, check_chat_template_name,
-                                       end_of_turn_ids, load_chat_template, prompt_text, render_conversation)
+                                       end_of_turn_ids, load_chat_template, prompt_text, render,
+                                       render_conversation)
 from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
 
 # templates whose earlier turns render differently once the conversation goes on, so that only the last answer's
-# prompt can equal training's: Qwen3 gives the last answer an empty think block; Mistral Nemo puts the system
-# message into the last user turn only
-LAST_TURN_ONLY = {"Qwen-Qwen3-0.6B.jinja", "mistralai-Mistral-Nemo-Instruct-2407.jinja"}
+# prompt can equal training's: Qwen3 gives the last answer an empty think block
+LAST_TURN_ONLY = {"Qwen-Qwen3-0.6B.jinja"}
+THINKING_SWITCH = {"Qwen-Qwen3-0.6B.jinja", "HuggingFaceTB-SmolLM3-3B.jinja"}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,22 @@ def test_the_inference_prompt_is_the_context_training_saw(template, tokenizer_of
                 assert prompt == ids[:start], (template, turn)
 
 
+@pytest.mark.parametrize("template", TEMPLATE_VOCABULARIES)
+def test_each_templates_own_generation_prompt_is_trainings_prompt(template, tokenizer_of):
+    """What a server renders (the template's generation prompt, with the variables llama.cpp passes: thinking on,
+    today's date) is the prompt the last answer was trained after. Qwen3 and SmolLM3 get their thinking switch set
+    for that; the others need nothing."""
+    tokenizer = tokenizer_of(template)
+    chat = load_chat_template(chat_template_path(template), tokenizer)
+    assert chat.source.startswith("{%- set enable_thinking = ") == (template in THINKING_SWITCH)
+    for messages in (row["messages"] for row in _rows(template)):
+        history = messages[:-1]
+        served = tokenizer.apply_chat_template(history, chat_template=chat.source, tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=True,
+                                               date_string="30 Nov 2026")
+        assert served == prompt_text(chat, tokenizer, history)
+
+
 def test_a_template_that_reads_the_clock_renders_the_same_date_every_day(tokenizer_of):
     """Llama 3.2's template prints today's date; loaded, it carries a fixed one, so any renderer of the saved
     template (here transformers' own, with no extra arguments) writes what training saw."""
@@ -92,6 +109,10 @@ def test_a_template_that_reads_the_clock_renders_the_same_date_every_day(tokeniz
     assert f"Today Date: {FIXED_DATE}" in prompt_text(chat, tokenizer, [{"role": "user", "content": "Hi"}])
     plain = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=chat.source, tokenize=False)
     assert f"Today Date: {FIXED_DATE}\n" in plain and plain.startswith("<|begin_of_text|><|start_header_id|>")
+    # llama.cpp passes today's date as date_string: the fixed one still wins
+    dated = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=chat.source, tokenize=False,
+                                          date_string="30 Nov 2026")
+    assert dated == plain
     chatml = load_chat_template("chatml", tokenizer_of("chatml"))
     assert chatml.source == (REPO / "templates" / "chatml.jinja").read_text()  # the clock-free ones stay as they are
 
@@ -142,6 +163,19 @@ def test_a_template_that_raises_is_one_error_naming_the_template(tokenizer_of):
     chat = load_chat_template(chat_template_path(template), tokenizer)
     with pytest.raises(ValueError, match=r"chat template .*google-gemma-2-2b-it\.jinja: System role not supported"):
         render_conversation(chat, tokenizer, conversations()[1]["messages"])
+
+
+def test_a_template_that_leaves_out_the_trained_system_message_is_refused(tokenizer_of):
+    """Mistral Nemo's template writes the system message into the final user message only: a conversation ending
+    with an answer would train without it, and a server would prompt with it."""
+    template = "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+    tokenizer = tokenizer_of(template)
+    chat = load_chat_template(chat_template_path(template), tokenizer)
+    messages = conversations()[1]["messages"]
+    assert "Answer briefly." not in render(chat, tokenizer, messages)
+    with pytest.raises(ValueError, match=r"Nemo-Instruct-2407\.jinja: it leaves out the system message of a "
+                                         r"conversation that ends with an answer"):
+        render_conversation(chat, tokenizer, messages)
 
 
 def test_the_tokenizer_template_must_exist(tokenizer_of):

@@ -50,7 +50,8 @@ def family_adapter(family_base, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_llama_cpp_reads_each_familys_gguf_as_the_merged_model(family, family_adapter, tmp_path):
+def test_llama_cpp_reads_each_familys_gguf_as_the_merged_model(family, family_adapter, llama_cpp_chat_prompt,
+                                                                 tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'"
                                                         " (builds llama.cpp, about 5 minutes)")
     from transformers import AutoModelForCausalLM
@@ -83,6 +84,13 @@ def test_llama_cpp_reads_each_familys_gguf_as_the_merged_model(family, family_ad
     metadata = llm.metadata
     assert metadata["tokenizer.chat_template"] == generator.chat_template.source
     assert int(metadata["tokenizer.ggml.eot_token_id"]) == generator.stop_ids[0]
+    # llama-server's prompt for each conversation so far (llama.cpp's Jinja engine on the file's template, its BOS
+    # rule, its tokenizer) is the one training and our generator use: the turns before each answer
+    for messages in (row["messages"] for row in rows):
+        for history in (messages[:i] for i, message in enumerate(messages) if message["role"] == "assistant"):
+            ids, text = llama_cpp_chat_prompt(tmp_path / "m.gguf", history)
+            assert ids == generator.conversation_ids(history), (text, prompt_text(generator.chat_template, tokenizer,
+                                                                                 history))
 
 
 # q4_k_m for every family, every other type for one (Gemma 3's small vocabulary reads back fast: gguf's reader takes
