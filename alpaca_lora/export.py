@@ -96,6 +96,8 @@ def export(config: ExportConfig, write=print) -> dict:
                                      Path(base_model).expanduser(), tokenizer,
                                      adapter.chat_template["source"] if adapter.chat_template else None,
                                      adapter.prompt_template, probe, reference, config, write)
+        report["gguf"]["model_card"] = str(_gguf_model_card(config, adapter, base_model, report["gguf"]))
+        write(f"wrote {report['gguf']['model_card']}: the GGUF file's model card")
     if config.meta_checkpoint:
         report["meta"] = _export_meta(merged.config, merged_state, base_model, config, write)
     return report
@@ -178,7 +180,12 @@ def _export_hf(merged, tokenizer, config: ExportConfig, adapter: AdapterDescript
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)  # the weights as written, upcast
         check = check_logits(f"--output_dir {config.output_dir}", _logits(reloaded, _probe_ids(tokenizer)),
                              reference, base_logits, tolerance(dtype, reference))
-        (staging / "README.md").write_text(_model_card(config, adapter, base_model, check))
+        verification = (f"On a probe prompt the merged model's logits are within {check['max_abs_difference']:.3g} "
+                        f"of base + adapter (allowed\n{check['allowed']:.3g}) and {check['difference_from_base']:.3g} "
+                        "away from the bare base's.")
+        (staging / "README.md").write_text(_model_card(
+            config, adapter, base_model, f"saved as {config.dtype}",
+            f"Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; {_prompting(adapter)}.", verification))
     write(f"wrote {target}: {config.dtype} weights; probe logits within {check['max_abs_difference']:.3g} of base + "
           f"adapter (allowed {check['allowed']:.3g}), {check['difference_from_base']:.3g} from the bare base")
     return check
@@ -285,7 +292,26 @@ def _prompting(adapter: AdapterDescription) -> str:
     return f"prompt it with the `{adapter.prompt_template or 'alpaca'}` template"
 
 
-def _model_card(config: ExportConfig, adapter: AdapterDescription, base: str, check: dict) -> str:
+def _gguf_model_card(config: ExportConfig, adapter: AdapterDescription, base: str, report: dict) -> Path:
+    """NAME.md beside NAME.gguf: the model card of the file, with what llama.cpp's checks measured."""
+    from .files import write_text_atomically
+    from .gguf_export import described_checks
+
+    gguf_path = Path(config.gguf).expanduser()
+    checked = report.get("llama_cpp")
+    verification = (f"Every tensor read back from the file within {report['max_abs_error']:.3g} of the merged weights; "
+                    + (f"llama.cpp: {described_checks(checked)}." if checked else
+                       "not checked by llama.cpp (llama-cpp-python was not installed)."))
+    how = (f"Run it with llama.cpp (`llama-cli -m {gguf_path.name} -cnv`, `llama-server -m {gguf_path.name}`) or Ollama "
+           f"(`ollama create NAME -f {Path(report['modelfile']).name}`).")
+    card = gguf_path.with_suffix(".md")
+    write_text_atomically(card, _model_card(config, adapter, base, f"as a {config.gguf_type} GGUF file", how,
+                                            verification))
+    return card
+
+
+def _model_card(config: ExportConfig, adapter: AdapterDescription, base: str, saved_as: str, how_to_use: str,
+                verification: str) -> str:
     summary = adapter.summary
     data = json.dumps(dataclasses.asdict(summary.data), indent=1) if summary else "unknown (no training summary)"
     return f"""---
@@ -296,13 +322,12 @@ license: other
 
 # {base} + LoRA adapter, merged
 
-The adapter `{config.lora_weights}` merged into `{base}` by alpaca-lora's `export_hf.py`, saved as {config.dtype}.
+The adapter `{config.lora_weights}` merged into `{base}` by alpaca-lora's `export_hf.py`, {saved_as}.
 {'' if not adapter.base_model or _same_model(base, adapter.base_model) else f"**The adapter was trained on `{adapter.base_model}`, not on `{base}`**: this merge is not the model that was trained."}
-Load it with `AutoModelForCausalLM.from_pretrained(this_folder)`; {_prompting(adapter)}.
+{how_to_use}
 
 ## Verification
-On a probe prompt the merged model's logits are within {check['max_abs_difference']:.3g} of base + adapter (allowed
-{check['allowed']:.3g}) and {check['difference_from_base']:.3g} away from the bare base's.
+{verification}
 
 ## Training data and evaluation
 {data}

@@ -119,12 +119,21 @@ def export_gguf(merged, state: dict, adapter_folder: Path, base_folder: Path, to
              if (adapter_folder / "generation_config.json").is_file() else tokenizer.eos_token_id)
     stops = stops if isinstance(stops, list) else [stops]
     check = _llama_cpp_check(tokenizer, chat_template, adapter_folder, probe, reference_logits, config.gguf_type)
-    report = write_gguf(merged.config, state, tokenizer_folder, sentencepiece_model, tokenizer, chat_template, stops,
+    # an adapter trained on Alpaca's prompt gets templates/alpaca.jinja in the file, which renders one user message as
+    # that prompt without input, so that llama.cpp's chat (llama-server, llama-cli -cnv) prompts as training did
+    file_template = chat_template or (_alpaca_chat_template() if prompt_template == "alpaca" else None)
+    report = write_gguf(merged.config, state, tokenizer_folder, sentencepiece_model, tokenizer, file_template, stops,
                         bool(bos_ids(tokenizer)), config, write, check)
     report["modelfile"] = str(write_modelfile(Path(config.gguf).expanduser(), chat_template, prompt_template,
                                               tokenizer.convert_ids_to_tokens(stops)))
     write(f"wrote {report['modelfile']}: `ollama create NAME -f {report['modelfile']}`")
     return report
+
+
+def _alpaca_chat_template() -> str:
+    from .chat_template import TEMPLATES_DIR
+
+    return (TEMPLATES_DIR / "alpaca.jinja").read_text(encoding="utf-8")
 
 
 def write_modelfile(gguf_path: Path, chat_template: str | None, prompt_template: str | None,
@@ -157,20 +166,22 @@ def _llama_cpp_check(tokenizer, chat_template: str | None, adapter_folder: Path,
 
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    from .chat_template import ChatTemplate, render
+    from .chat_template import ChatTemplate, prompt_text, render
     from .conversations import conversation_of
     from .llama_cpp_checks import check_gguf
 
-    texts = [PROBE_TEXT]
+    texts, prompts = [PROBE_TEXT], []
     if chat_template:  # conversations as a deployment renders them: the held-out rows, or a sample
         chat = ChatTemplate("trained", chat_template)
         rows = _held_out_rows(adapter_folder) or [{"instruction": "Name three colours.", "output": "Red, green, blue."}]
-        texts = [render(chat, tokenizer, conversation_of(row)) for row in rows[:8]]
+        conversations = [conversation_of(row) for row in rows[:8]]
+        texts = [render(chat, tokenizer, messages) for messages in conversations]
+        prompts = [(messages[:-1], prompt_text(chat, tokenizer, messages[:-1])) for messages in conversations]
     held_out = [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]][:128]
 
     def check(path: Path, f16_path: Path | None) -> dict:
-        return check_gguf(path, f16_path, gguf_type, tokenizer, texts, probe[0].tolist(), reference_logits.numpy(),
-                          held_out)
+        return check_gguf(path, f16_path, gguf_type, tokenizer, texts, prompts, probe[0].tolist(),
+                          reference_logits.numpy(), held_out)
     return check
 
 
@@ -206,13 +217,15 @@ def write_gguf(model_config, state: dict, tokenizer_folder: Path, sentencepiece_
                 first.unlink()
     checked = report.get("llama_cpp")
     write(f"wrote {target}: {len(tensors)} tensors ({config.gguf_type}), largest error read back {worst:.3g}"
-          + (f"; llama.cpp: {_described(checked)}" if checked else
+          + (f"; llama.cpp: {described_checks(checked)}" if checked else
              "; not checked by llama.cpp (llama-cpp-python is not installed)"))
     return report
 
 
-def _described(checked: dict) -> str:
+def described_checks(checked: dict) -> str:
     parts = [f"tokenizes {checked['tokens_checked']} texts as the tokenizer"]
+    if checked["chat_prompts_checked"]:
+        parts.append(f"its chat template gives training's prompt for {checked['chat_prompts_checked']} conversations")
     if "max_logit_error" in checked:
         parts.append(f"probe logits within {checked['max_logit_error']:.3g} of base + adapter")
     if "log_prob_drop" in checked:

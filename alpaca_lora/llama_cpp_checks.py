@@ -55,6 +55,23 @@ def check_tokens(llm, tokenizer, texts: list[str]) -> None:
                              f"{expected[:8]}...; nothing was written")
 
 
+def check_chat_prompts(llm, prompts: list[tuple[list[dict], str]]) -> None:
+    """The chat template llama.cpp reads from the file, rendered as llama-cpp-python's create_chat_completion renders
+    it (its Jinja formatter, the file's BOS and EOS text), gives training's prompt for each conversation so far."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    if not prompts:  # trained on a prompt template (Alpaca's): the file carries no chat template
+        return
+    # bos_token and eos_token as Llama.__init__ gives them to the formatter
+    bos, eos = (llm._model.token_get_text(token) if token != -1 else "" for token in (llm.token_bos(), llm.token_eos()))
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
+    for messages, expected in prompts:
+        got = formatter(messages=messages).prompt
+        if got != expected:
+            raise ValueError(f"--gguf: llama.cpp's chat template renders the conversation as {got[-60:]!r}, training "
+                             f"as {expected[-60:]!r}; nothing was written")
+
+
 def logits(llm, ids: list[int]) -> np.ndarray:
     """llama.cpp's logits at every position of `ids` [len(ids), vocab]."""
     llm.reset()
@@ -89,13 +106,16 @@ def check_quantization_loss(quantized: float, reference: float, gguf_type: str) 
     return drop
 
 
-def check_gguf(path: Path, f16_path: Path | None, gguf_type: str, tokenizer, texts: list[str], probe_ids: list[int],
-               reference_logits: np.ndarray, held_out_ids: list[int]) -> dict:
-    """Every check of a staged GGUF file: its tokens for `texts`; for an f32/f16 file, its logits for the probe;
-    for a file llama.cpp quantized, its mean log-probability of the held-out ids against the f16 file's."""
+def check_gguf(path: Path, f16_path: Path | None, gguf_type: str, tokenizer, texts: list[str],
+               prompts: list[tuple[list[dict], str]], probe_ids: list[int], reference_logits: np.ndarray,
+               held_out_ids: list[int]) -> dict:
+    """Every check of a staged GGUF file: its tokens for `texts`; its chat template's prompt for each of `prompts`
+    (messages, training's prompt text); for an f32/f16 file, its logits for the probe; for a file llama.cpp quantized,
+    its mean log-probability of the held-out ids against the f16 file's."""
     llm = load(path)
-    check_tokens(llm, tokenizer, texts)
-    report = {"tokens_checked": len(texts)}
+    check_tokens(llm, tokenizer, texts + [text for _, text in prompts])
+    check_chat_prompts(llm, prompts)
+    report = {"tokens_checked": len(texts) + len(prompts), "chat_prompts_checked": len(prompts)}
     if gguf_type in ("f32", "f16"):
         report["max_logit_error"] = check_logits(logits(llm, probe_ids), reference_logits)
     if f16_path is not None:

@@ -93,10 +93,13 @@ def test_llama_cpp_reads_each_familys_gguf_as_the_merged_model(family, family_ad
                                                                                  history))
 
 
-# q4_k_m for every family, every other type for one (Gemma 3's small vocabulary reads back fast: gguf's reader takes
-# ~20 s over a 128K one)
-QUANTIZED_CASES = [(family, "q4_k_m") for family in FAMILIES] + [
-    ("gemma3", gguf_type) for gguf_type in ("f16", "bf16", "q8_0", "q4_0", "q5_k_m", "q6_k")]
+# f32 for every family above; each other type for every family through the whole export, but for the ones with
+# 128K-152K vocabularies, where gguf's reader takes ~10-20 s to read a file back: those get q4_k_m this way and
+# llama.cpp's other types in the test after this one
+LARGE_VOCABULARIES = ("llama3", "qwen2", "qwen3")
+OTHER_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+QUANTIZED_CASES = [(family, gguf_type) for family in FAMILIES for gguf_type in OTHER_TYPES
+                   if family not in LARGE_VOCABULARIES or gguf_type == "q4_k_m"]
 
 
 @pytest.mark.slow
@@ -122,11 +125,42 @@ def test_each_type_is_checked_by_llama_cpp_in_the_export_run(family, gguf_type, 
         assert report["mean_log_prob"] < 0 and not (tmp_path / "m.gguf.staging.f16").exists()
     file_type = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents()
     assert file_type == {"f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}[gguf_type]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]  # nothing else left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf", "m.md"]  # nothing else left behind
+    card = (tmp_path / "m.md").read_text()
+    assert f"as a {gguf_type} GGUF file" in card and f"llama.cpp: tokenizes {report['tokens_checked']} texts" in card
+    if gguf_type in LOG_PROB_BOUNDS:  # the measured loss of quantization, in the card
+        assert f"(a drop of {report['log_prob_drop']:.4f}, allowed {LOG_PROB_BOUNDS[gguf_type]})" in card
     modelfile = (tmp_path / "m.Modelfile").read_text()
     assert "FROM ./m.gguf\n" in modelfile and f'PARAMETER stop "{_stop_token(adapter)}"' in modelfile
     # a shipped chat template goes into Ollama's TEMPLATE (Go) translated; a vendor's is left to Ollama
     assert ('TEMPLATE """' in modelfile) == (not FAMILIES[family][3].endswith(".jinja"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", LARGE_VOCABULARIES)
+def test_llama_cpps_types_of_the_large_vocabulary_families(family, family_adapter, tmp_path, monkeypatch):
+    """The export's f16 file of each, quantized to each of llama.cpp's other types and checked as the export checks
+    its files (tokens, chat prompts, mean log-probability lost against the f16 file). bf16 and q8_0, which the gguf
+    package writes tensor by tensor whatever the family, are tested on the other families only."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'")
+    from alpaca_lora import gguf_export
+    from alpaca_lora.llama_cpp_checks import LOG_PROB_BOUNDS, quantize
+
+    adapter, _ = family_adapter(family)
+    arguments = []
+    real_check = gguf_export._llama_cpp_check
+
+    def keep_arguments(*args):  # the export's own check, made again below for each type
+        arguments.extend(args[:-1])
+        return real_check(*args)
+    monkeypatch.setattr(gguf_export, "_llama_cpp_check", keep_arguments)
+    f16 = tmp_path / "m-f16.gguf"
+    export(ExportConfig(lora_weights=str(adapter), gguf=str(f16), gguf_type="f16"), write=quiet)
+    for gguf_type in ("q4_0", "q5_k_m", "q6_k"):
+        quantize(f16, tmp_path / f"m-{gguf_type}.gguf", gguf_type)
+        report = real_check(*arguments, gguf_type)(tmp_path / f"m-{gguf_type}.gguf", f16)
+        print(f"{family} {gguf_type}: mean log-probability drop {report['log_prob_drop']:.4f} nats")
+        assert report["chat_prompts_checked"] >= 1 and abs(report["log_prob_drop"]) <= LOG_PROB_BOUNDS[gguf_type]
 
 
 def _stop_token(adapter) -> str:
@@ -148,8 +182,48 @@ def test_the_demo_alpaca_adapter_gets_a_q4_k_m_file_and_a_modelfile_with_its_pro
     template = (REPO / "templates" / "ollama" / "alpaca.tmpl").read_text()
     assert modelfile == (f"# Ollama Modelfile for demo-q4_k_m.gguf, written by alpaca-lora's export_hf.py\n"
                          f'FROM ./demo-q4_k_m.gguf\nTEMPLATE """{template}"""\nPARAMETER stop "</s>"\n')
-    assert lines[-1] == f"wrote {tmp_path / 'demo-q4_k_m.Modelfile'}: `ollama create NAME -f " \
+    assert lines[-2] == f"wrote {tmp_path / 'demo-q4_k_m.Modelfile'}: `ollama create NAME -f " \
                         f"{tmp_path / 'demo-q4_k_m.Modelfile'}`"
+    assert lines[-1] == f"wrote {tmp_path / 'demo-q4_k_m.md'}: the GGUF file's model card"
+    card = (tmp_path / "demo-q4_k_m.md").read_text()
+    assert "`ollama create NAME -f demo-q4_k_m.Modelfile`" in card and "CC BY-NC 4.0" in card
+
+
+def test_llama_cpps_chat_prompts_an_alpaca_adapters_file_with_alpacas_prompt(tiny_adapter, llama_cpp_chat_prompt,
+                                                                           tmp_path):
+    """An adapter trained on Alpaca's prompt gets templates/alpaca.jinja in its GGUF: llama.cpp's chat (llama-server,
+    llama-cli -cnv) then prompts an instruction with the ids training had."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'")
+    from transformers import AutoTokenizer
+
+    from alpaca_lora.templates import load_template
+
+    export(ExportConfig(lora_weights=str(tiny_adapter), gguf=str(tmp_path / "m.gguf"), gguf_type="f16"), write=quiet)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_adapter)
+    instruction = "Give three tips for staying healthy."
+    ids, _ = llama_cpp_chat_prompt(tmp_path / "m.gguf", [{"role": "user", "content": instruction}])
+    trained = load_template("alpaca").prompt_no_input.format(instruction=instruction)
+    assert ids == [tokenizer.bos_token_id] + tokenizer(trained, add_special_tokens=False)["input_ids"]
+
+
+def test_a_chat_template_llama_cpp_renders_otherwise_stops_the_export(tiny_chat_adapter, tmp_path, monkeypatch):
+    """llama-cpp-python's chat formatter on the template read back from the file must give training's prompt for each
+    held-out conversation; here training's prompt is made to differ, and nothing is left behind."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama-cpp]'")
+    import alpaca_lora.chat_template as chat_template
+
+    lines = []
+    report = export(ExportConfig(lora_weights=str(tiny_chat_adapter), gguf=str(tmp_path / "m.gguf"), gguf_type="f16"),
+                    write=lines.append)["gguf"]["llama_cpp"]
+    assert report["chat_prompts_checked"] >= 1
+    assert f"its chat template gives training's prompt for {report['chat_prompts_checked']} conversations" in lines[-3]
+    real_prompt_text = chat_template.prompt_text
+    monkeypatch.setattr(chat_template, "prompt_text", lambda *args: real_prompt_text(*args) + " ")
+    with pytest.raises(ValueError, match=r"^--gguf: llama\.cpp's chat template renders the conversation as .*, "
+                                         r"training as .*; nothing was written$"):
+        export(ExportConfig(lora_weights=str(tiny_chat_adapter), gguf=str(tmp_path / "other.gguf"), gguf_type="f16"),
+               write=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf", "m.md"]
 
 
 def test_llama_cpps_types_without_llama_cpp_python_are_one_line(tiny_adapter, tmp_path, monkeypatch):
