@@ -179,25 +179,44 @@ class Generator:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        text, sent, found = "", 0, False
-        held_back = max((len(s) for s in stop), default=1) - 1  # the longest stop string but its last character
+        shown = StopStrings(stop)
         for piece in streamer:
-            if found:
+            if shown.found:
                 continue  # generation is ending; the rest is not wanted
-            text += piece
-            shown, found = cut_at_stop(text, stop)
-            safe = len(shown) if found else max(sent, len(text) - held_back)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-            if found:
+            if new := shown.add(piece):
+                yield new
+            if shown.found:
                 stop_event.set()
         thread.join()
         if "error" in result:
             raise result["error"]
-        if not found and sent < len(text):
-            yield text[sent:]  # held back, and no stop string came
+        if rest := shown.rest():
+            yield rest
         yield result["answer"]
+
+
+class StopStrings:
+    """A streamed answer's text, let out as it comes except what could be the start of a `stop` string, which is
+    held back until it is known not to be one; at a stop string the text ends (it and what follows are cut)."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop, self.text, self.sent, self.found = stop, "", 0, False
+        self.held_back = max((len(s) for s in stop), default=1) - 1  # the longest stop string but its last character
+
+    def add(self, piece: str) -> str:
+        """The text that can be shown now that `piece` came."""
+        self.text += piece
+        shown, self.found = cut_at_stop(self.text, self.stop)
+        safe = len(shown) if self.found else max(self.sent, len(self.text) - self.held_back)
+        new, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return new
+
+    def rest(self) -> str:
+        """At the end of the answer: what was held back, unless a stop string came."""
+        if self.found:
+            return ""
+        rest, self.sent = self.text[self.sent:], len(self.text)
+        return rest
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

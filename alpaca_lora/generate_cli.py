@@ -40,6 +40,8 @@ class GenerateConfig:
     port: int = field(default=8000, metadata={"help": "port the server listens on"})
     api_key: str = field(default="", metadata={"help": "require 'Authorization: Bearer KEY' on every API request"})
     max_tokens_cap: int = field(default=1024, metadata={"help": "the largest max_tokens a server request may ask"})
+    max_batch: int = field(default=8, metadata={"help": "server: requests generated together at most (1: one at a time)"})
+    max_queue: int = field(default=16, metadata={"help": "server: requests that may wait beyond those; more get 429"})
     temperature: float = field(default=0.7, metadata={"help": "0: greedy; > 0: sampling at this temperature"})
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass (when sampling)"})
     top_k: int = field(default=40, metadata={"help": "sample among the k likeliest tokens (0: all)"})
@@ -53,8 +55,10 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
     """The mode the flags ask for: server, batch file, one instruction, or an interactive session."""
     if bool(config.input_file) != bool(config.output_file):
         raise ValueError("--input_file and --output_file go together: pass both")
-    if isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int) or config.batch_size < 1:
-        raise ValueError(f"--batch_size {config.batch_size!r}: must be a whole number >= 1")
+    for flag, low in (("batch_size", 1), ("max_batch", 1), ("max_queue", 0)):
+        value = getattr(config, flag)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{flag} {value!r}: must be a whole number >= {low}")
     sampling = Sampling(config.temperature, config.top_p, config.top_k, config.num_beams, config.max_new_tokens,
                         config.repetition_penalty).validated(max_new_tokens_cap=100_000)
     if config.input_file and not Path(config.input_file).expanduser().is_file():
@@ -62,7 +66,8 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
     generator = Generator(config.base_model, config.lora_weights, config.prompt_template, config.load_8bit,
                           config.load_4bit, config.bf16, chat_template=config.chat_template)
     if config.serve:
-        server = Server(generator, config.server_name, config.port, config.api_key, config.max_tokens_cap, sampling)
+        server = Server(generator, config.server_name, config.port, config.api_key, config.max_tokens_cap, sampling,
+                        config.max_batch, config.max_queue)
         if not server.loopback and not config.api_key:
             write(f"warning: serving on {config.server_name} without --api_key: anyone who can reach this machine "
                   "can use the model")

@@ -32,6 +32,11 @@ class Message(BaseModel):
     content: StrictStr
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
 class _Sampled(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
@@ -44,6 +49,7 @@ class _Sampled(BaseModel):
     repetition_penalty: Number | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     n: StrictInt = 1
     stop: StrictStr | list[StrictStr] | None = None
 
@@ -160,9 +166,13 @@ def sampling_of(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> t
     return sampling, stop
 
 
+def usage_of(answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+
+
 def completion_body(model_name: str, answer, chat: bool) -> dict:
-    usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+    usage = usage_of(answer)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
                   "finish_reason": answer.finish_reason}

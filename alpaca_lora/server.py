@@ -7,8 +7,10 @@
 
 HTTP itself (framing, chunked bodies, keep-alive, a body never read) is uvicorn's and h11's; requests are checked
 against pydantic models (openai_schema.py). Every bad request gets a 4xx with an OpenAI-style error body and the server goes on.
-Answers are generated one at a time (Generator.lock): concurrent requests queue, at most MAX_WAITING of them,
-and a request whose client has left stops generating. On a loopback address only loopback Host names are
+Concurrent requests are generated together (batcher.py: continuous batching, up to max_batch at once); what the batch
+cannot take (beam search, a repetition penalty, a seeded sample) is answered one at a time (Generator.lock). Past
+max_batch + max_queue requests in hand, a request gets 429 with Retry-After; a request whose client has left stops
+generating. On a loopback address only loopback Host names are
 served, and only JSON bodies are taken, so a web page elsewhere cannot drive a server that has no key.
 """
 
@@ -21,18 +23,19 @@ import time
 import uuid
 from pathlib import Path
 
+from .batcher import Batcher
 from .generate import Generator, Sampling
 from .openai_schema import (RequestError, chat_prompt, completion_body, completion_prompt, parse_request,
-                            read_json_body, sampling_of)
+                            read_json_body, sampling_of, usage_of)
 
 PAGE = Path(__file__).resolve().parent / "page.html"
 HEADER_SECONDS = 10  # the most a new connection may take to send its first request's headers
-MAX_WAITING = 16  # requests waiting for the model or being answered; more get 503
 MAX_CONNECTIONS = 128
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024,
-             default_sampling: Sampling | None = None, loopback_only: bool = True):
-    """The ASGI application."""
+             default_sampling: Sampling | None = None, loopback_only: bool = True, batcher: Batcher | None = None,
+             max_queue: int = 16):
+    """The ASGI application; without a batcher every request is answered one at a time."""
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool
     from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -43,12 +46,13 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         "temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
         "num_beams": defaults.num_beams, "max_tokens": defaults.max_new_tokens})).replace(
         "__CHAT__", json.dumps(generator.chat_template is not None))
-    busy = {"requests": 0}
+    busy = {"requests": 0}  # being answered or waiting
+    capacity = (batcher.max_batch if batcher else 1) + max_queue
 
     def error_response(error: RequestError) -> Response:
         return JSONResponse({"error": {"message": error.message, "type": error.kind, "param": error.param,
                                        "code": None}}, status_code=error.status,
-                            headers={"Retry-After": "5"} if error.status == 503 else None)
+                            headers={"Retry-After": "5"} if error.status == 429 else None)
 
     async def index(request):
         return HTMLResponse(page)
@@ -72,18 +76,24 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         if parsed.stream and sampling.num_beams > 1:
             raise RequestError(400, "num_beams > 1 cannot stream: beam search settles the text only at the end; "
                                     "send stream: false", "num_beams")
-        if busy["requests"] >= MAX_WAITING:
-            raise RequestError(503, f"the server is busy ({MAX_WAITING} requests waiting); retry later",
-                               kind="server_error")
+        if busy["requests"] >= capacity:
+            raise RequestError(429, f"the server is busy ({busy['requests']} requests in hand, {max_queue} of them "
+                                    "may wait); retry later", kind="rate_limit_error")
         stop_event = threading.Event()
+        batched = batcher is not None and batcher.takes(sampling, parsed.seed)
         if parsed.stream:  # counted while its events are produced (a client gone before the first one costs nothing)
-            pieces = iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop))
-            return StreamingResponse(_events(pieces, stop_event, busy, generator.name, chat),
+            pieces = (batcher.stream(prompt, sampling, stop) if batched else
+                      iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop)))
+            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+            return StreamingResponse(_events(pieces, stop_event, busy, generator.name, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         busy["requests"] += 1
         try:
-            answer = await _answer_unless_abandoned(request, generator, prompt, sampling, parsed.seed, stop_event,
-                                                    stop)
+            if batched:
+                answer = await _last_unless_abandoned(request, batcher.stream(prompt, sampling, stop))
+            else:
+                answer = await _answer_unless_abandoned(request, generator, prompt, sampling, parsed.seed, stop_event,
+                                                        stop)
         finally:
             busy["requests"] -= 1
         return JSONResponse(completion_body(generator.name, answer, chat))
@@ -142,8 +152,26 @@ async def _answer_unless_abandoned(request, generator, prompt, sampling, seed, s
     return task.result()
 
 
-async def _events(pieces, stop_event, busy, model_name: str, chat: bool):
-    """Server-sent events of one streamed answer; an error becomes an error event, and [DONE] always ends it."""
+async def _last_unless_abandoned(request, pieces):
+    """The last item of a batched answer's stream (the Answer); if the client goes away meanwhile, the stream is
+    cancelled, which cancels its request in the batch."""
+    async def last():
+        async for item in pieces:
+            final = item
+        return final
+    task = asyncio.ensure_future(last())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.wait({task})
+            raise RequestError(499, "the client closed the request")
+    return task.result()
+
+
+async def _events(pieces, stop_event, busy, model_name: str, chat: bool, include_usage: bool = False):
+    """Server-sent events of one streamed answer; with `include_usage`, a last chunk with no choices carries the
+    token counts (as OpenAI's stream_options asks); an error becomes an error event, and [DONE] always ends it."""
     completion_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
 
     def event(delta: str | None, finish_reason=None, role=False) -> str:
@@ -169,10 +197,15 @@ async def _events(pieces, stop_event, busy, model_name: str, chat: bool):
                 started = True
             else:
                 yield event(None, finish_reason=piece.finish_reason)
+                if include_usage:
+                    usage = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                             "created": created, "model": model_name, "choices": [], "usage": usage_of(piece)}
+                    yield f"data: {json.dumps(usage)}\n\n"
     except Exception as error:  # after the headers went out: say so inside the stream
         yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
     finally:
         stop_event.set()  # the client left, or the answer is done: either way generation ends
+        await pieces.aclose()  # a batched answer cancels its request now rather than when collected
         busy["requests"] -= 1
     yield "data: [DONE]\n\n"
 
@@ -181,11 +214,13 @@ class Server:
     """uvicorn serving the app on an address bound at once (port 0 picks a free one: see `port`)."""
 
     def __init__(self, generator: Generator, host: str, port: int, api_key: str = "", max_tokens_cap: int = 1024,
-                 default_sampling: Sampling | None = None):
+                 default_sampling: Sampling | None = None, max_batch: int = 8, max_queue: int = 16):
         import uvicorn
 
         loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
-        app = make_app(generator, api_key, max_tokens_cap, default_sampling, loopback_only=loopback)
+        self.batcher = Batcher(generator, max_batch) if max_batch > 1 else None
+        app = make_app(generator, api_key, max_tokens_cap, default_sampling, loopback_only=loopback,
+                       batcher=self.batcher, max_queue=max_queue)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP said outright: asyncio turns Nagle's algorithm off only on sockets that say they are TCP, and
         # with it on, a response's headers and body (two writes) meet the client's delayed ACK: 40 ms per answer
@@ -207,7 +242,13 @@ class Server:
 
     def serve(self) -> None:
         """Serve until Ctrl-C (in the main thread) or stop()."""
-        self.uvicorn.run(sockets=[self.socket])
+        if self.batcher:
+            self.batcher.start()
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            if self.batcher:
+                self.batcher.close()
 
     def start(self) -> "Server":
         """Serve from a background thread, once it is listening."""

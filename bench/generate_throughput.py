@@ -51,9 +51,7 @@ def instructions(count: int) -> list[str]:
     return [r["instruction"] for r in rows[:count]]
 
 
-def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int) -> dict:
-    import openai
-
+def measure(adapter: Path, new_tokens: int, batch_sizes: list[int]) -> dict:
     from alpaca_lora.generate import Generator, Sampling
     from alpaca_lora.server import Server
 
@@ -69,25 +67,52 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int], clients: int
         seconds = time.perf_counter() - started
         result["batches"][batch_size] = sum(a.completion_tokens for a in answers) / seconds
         print(f"  batch {batch_size}: {result['batches'][batch_size]:.1f} new tokens/s", flush=True)
-    server = Server(generator, "127.0.0.1", 0, default_sampling=sampling).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0,
-                           timeout=600)
-    tokens = [0] * clients
+    result["server"] = {}
+    for max_batch in (8, 1):  # continuous batching (the default), and one request at a time as before it
+        server = Server(generator, "127.0.0.1", 0, default_sampling=sampling, max_batch=max_batch, max_queue=64).start()
+        for clients in CLIENTS:
+            measured = streaming_clients(server.port, prompts, clients, new_tokens)
+            result["server"][f"max_batch {max_batch}, {clients} clients"] = measured
+            print(f"  server (max_batch {max_batch}), {clients} streaming clients: {measured['tokens_per_second']:.1f} "
+                  f"new tokens/s, first token median {measured['ttft_median_s']:.2f} s, p95 {measured['ttft_p95_s']:.2f} s",
+                  flush=True)
+        server.stop()
+    return result
+
+
+CLIENTS = (1, 4, 8, 16)
+
+
+def streaming_clients(port: int, prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
+    """`clients` clients at once, each streaming one greedy answer to its own prompt (token ids): the tokens all of
+    them received per second of the whole run, and each one's time to its first token."""
+    import statistics
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    tokens, first = [0] * clients, [0.0] * clients
 
     def ask(i):
-        reply = client.completions.create(model="x", prompt=prompts[i], temperature=0, max_tokens=new_tokens)
-        tokens[i] = reply.usage.completion_tokens
+        sent = time.perf_counter()
+        for chunk in client.completions.create(model="x", prompt=prompts[i % len(prompts)], temperature=0,
+                                               max_tokens=new_tokens, stream=True,
+                                               stream_options={"include_usage": True}):
+            if not first[i] and chunk.choices and chunk.choices[0].text:
+                first[i] = time.perf_counter() - sent
+            if chunk.usage:  # the last chunk, with stream_options.include_usage
+                tokens[i] = chunk.usage.completion_tokens
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    result["server_clients"] = clients
-    result["server_tokens_per_second"] = sum(tokens) / (time.perf_counter() - started)
-    print(f"  server, {clients} concurrent clients: {result['server_tokens_per_second']:.1f} new tokens/s", flush=True)
-    server.stop()
-    return result
+    seconds = time.perf_counter() - started
+    ordered = sorted(first)
+    return {"clients": clients, "tokens_per_second": sum(tokens) / seconds, "seconds": seconds,
+            "ttft_median_s": statistics.median(ordered), "ttft_p95_s": ordered[min(len(ordered) - 1,
+                                                                               round(0.95 * (len(ordered) - 1)))]}
 
 
 if __name__ == "__main__":
@@ -102,11 +127,17 @@ if __name__ == "__main__":
         if args.quick and name != "demo":
             continue
         print(name, flush=True)
-        report["models"][name] = measure(build(name, shape), args.new_tokens, [1, 8, 32], clients=8)
+        report["models"][name] = measure(build(name, shape), args.new_tokens, [1, 8, 32])
     (RESULTS / "generate_throughput.json").write_text(json.dumps(report, indent=2))
-    print("| model | parameters | dtype | 1 prompt | batch 8 | batch 32 | server, 8 clients |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | parameters | dtype | 1 prompt | batch 8 | batch 32 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, r in report["models"].items():
         b = r["batches"]
-        print(f"| {name} | {r['parameters'] / 1e6:.0f}M | {r['dtype']} | {b[1]:.1f} | {b[8]:.1f} | {b[32]:.1f} | "
-              f"{r['server_tokens_per_second']:.1f} |")
+        print(f"| {name} | {r['parameters'] / 1e6:.0f}M | {r['dtype']} | {b[1]:.1f} | {b[8]:.1f} | {b[32]:.1f} |")
+    print("\n| model | server | clients | new tokens/s, all clients | first token, median s | first token, p95 s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in report["models"].items():
+        for setting, m in r["server"].items():
+            server = "one at a time" if setting.startswith("max_batch 1,") else "batched (max_batch 8)"
+            print(f"| {name} | {server} | {m['clients']} | {m['tokens_per_second']:.1f} | {m['ttft_median_s']:.2f} | "
+                  f"{m['ttft_p95_s']:.2f} |")

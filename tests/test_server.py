@@ -303,9 +303,10 @@ def slow_generator(generator, monkeypatch):
 
 
 def test_an_abandoned_request_stops_generating(server, slow_generator, capfd):
+    """One answered alone (beam search is not batched): its stop event is set."""
     import time
 
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "num_beams": 2}).encode()
     _raw(server, _post("/v1/chat/completions", body), wait=0.5)  # sends, waits half a second, hangs up
     deadline = time.time() + 5
     while not (slow_generator and slow_generator[0].is_set()) and time.time() < deadline:
@@ -314,24 +315,90 @@ def test_an_abandoned_request_stops_generating(server, slow_generator, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_the_queue_is_bounded(server, slow_generator, monkeypatch):
+def test_the_queue_is_bounded(generator, slow_generator):
+    """--max_batch 1 (one at a time) and --max_queue 1: a third request in hand gets 429 with Retry-After."""
     import socket
     import time
 
-    from alpaca_lora import server as server_module
+    bounded = Server(generator, "127.0.0.1", 0, api_key=KEY, max_batch=1, max_queue=1).start()
+    address = f"http://127.0.0.1:{bounded.port}"
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
+        waiting = [socket.create_connection(_address(address)) for _ in range(2)]
+        for connection in waiting:
+            connection.sendall(_post("/v1/chat/completions", body))
+        while len(slow_generator) < 1:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        third = _raw(address, _post("/v1/chat/completions", body), wait=2)
+        assert third.startswith(b"HTTP/1.1 429") and b"the server is busy" in third
+        assert b"retry-after: 5" in third.lower() and b"rate_limit_error" in third
+        for connection in waiting:
+            connection.close()
+    finally:
+        bounded.stop()
 
-    monkeypatch.setattr(server_module, "MAX_WAITING", 2)
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
-    waiting = [socket.create_connection(_address(server)) for _ in range(2)]
-    for connection in waiting:
+
+def test_concurrent_greedy_answers_equal_each_prompt_alone(generator, server, client):
+    """Eight clients at once, streamed and not, different prompts and lengths: each greedy answer (fp32) is what
+    the same prompt gets from generate() alone."""
+    prompts = ["Name three fruits.", "Describe the sea in one sentence.", "Count to five.", "Say hi.",
+               "Give two colours.", "What is rain?", "Name a planet.", "List three verbs."]
+    lengths = [16, 9, 16, 5, 12, 16, 7, 16]
+    alone = [generator.answer([generator.instruction_ids(p)], Sampling(temperature=0, max_new_tokens=n))[0].text
+             for p, n in zip(prompts, lengths)]
+    results = [None] * len(prompts)
+
+    def ask(i):
+        messages = [{"role": "user", "content": prompts[i]}]
+        if i % 2:
+            results[i] = client.chat.completions.create(model="x", messages=messages, temperature=0,
+                                                        max_tokens=lengths[i]).choices[0].message.content
+        else:
+            chunks = client.chat.completions.create(model="x", messages=messages, temperature=0,
+                                                    max_tokens=lengths[i], stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client, monkeypatch):
+    """A batched request whose client hangs up is cancelled in the batch (its slot is free at the next step)."""
+    import socket
+    import time
+
+    from alpaca_lora import batcher as batcher_module
+
+    cancelled = []
+    real_cancel = batcher_module.Batcher.stream
+
+    async def spying_stream(self, prompt, sampling, stop=()):
+        manager_cancel = self.manager.cancel_request
+        self.manager.cancel_request = lambda request_id: (cancelled.append(request_id), manager_cancel(request_id))
+        try:
+            async for item in real_cancel(self, prompt, sampling, stop):
+                yield item
+        finally:
+            self.manager.cancel_request = manager_cancel
+    monkeypatch.setattr(batcher_module.Batcher, "stream", spying_stream)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "temperature": 0,
+                       "stream": True}).encode()
+    with socket.create_connection(_address(server)) as connection:  # hangs up after the first event
         connection.sendall(_post("/v1/chat/completions", body))
-    while len(slow_generator) < 1:
+        received = b""
+        while b"data:" not in received:
+            received += connection.recv(4096)
+    deadline = time.time() + 10
+    while not cancelled and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)
-    third = _raw(server, _post("/v1/chat/completions", body), wait=2)
-    assert third.startswith(b"HTTP/1.1 503") and b"the server is busy" in third and b"retry-after: 5" in third.lower()
-    for connection in waiting:
-        connection.close()
+    assert len(cancelled) == 1
+    # the server goes on answering
+    assert client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say hi."}],
+                                          temperature=0, max_tokens=4).choices[0].message.content
 
 
 def test_a_half_sent_request_is_closed(server, monkeypatch):
@@ -354,12 +421,22 @@ def test_a_body_that_never_comes_gets_408(server, monkeypatch):
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
 
 
-def test_an_error_mid_stream_is_an_error_event_then_done(server, generator, monkeypatch):
+@pytest.mark.parametrize("batched", [True, False])
+def test_an_error_mid_stream_is_an_error_event_then_done(server, generator, monkeypatch, batched):
+    from alpaca_lora.batcher import Batcher
+
     def failing_stream(prompt, sampling, seed=None, stop_event=None, stop=()):
         yield "Once"
         raise RuntimeError("the GPU fell over")
+
+    async def failing_batched_stream(self, prompt, sampling, stop=()):
+        yield "Once"
+        raise RuntimeError("the GPU fell over")
     monkeypatch.setattr(generator, "stream", failing_stream)
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    monkeypatch.setattr(Batcher, "stream", failing_batched_stream)
+    # a greedy request joins the batch; a repetition penalty is answered alone
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True, "temperature": 0,
+                       "repetition_penalty": 1.0 if batched else 1.2}).encode()
     reply = _raw(server, _post("/v1/chat/completions", body)).decode()
     events = [line[6:] for line in reply.split("\r\n\r\n", 1)[1].splitlines() if line.startswith("data: ")]
     assert json.loads(events[1])["choices"][0]["delta"]["content"] == "Once"
@@ -390,6 +467,16 @@ def test_openai_s_parameters_mean_what_they_mean_there(client, generator):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="x", messages=messages, extra_body={"n": True})
     assert error.value.body["param"] == "n"
+
+
+def test_a_stream_can_end_with_its_usage(client):
+    """stream_options.include_usage: a last chunk with no choices carries the counts the whole answer reports."""
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    whole = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_keep_alive_answers_are_not_held_back(server):

@@ -1,0 +1,115 @@
+"""Batcher: the server's concurrent requests generated together, through transformers' continuous batching.
+
+A request joins the running batch at the next decoding step and leaves it when done (transformers'
+ContinuousBatchingManager: a paged KV cache, one background thread stepping every request it holds), so eight
+clients share the hardware instead of queueing for it: on this project's CPU, 8 concurrent clients get several times
+one client's tokens per second (bench/generate_throughput.py). Each request keeps its own temperature, top_p and
+top_k; a greedy one is top_k=1, the argmax, so its answer is the one it gets alone whatever else is in the batch (the
+tests compare them). A client that leaves or whose text reaches a stop string is cancelled, which frees its slot at
+the next step.
+
+What the manager cannot do is answered one request at a time by Generator.stream, as before: beam search, a
+repetition penalty (the manager's sampling knows temperature, top_p and top_k only), and a seeded sample (its random
+generator is shared by the whole batch, so a seed could not make one request's answer reproducible).
+"""
+
+import asyncio
+import uuid
+
+import torch
+
+from .generate import Answer, Generator, Sampling, StopStrings
+
+PAGE_TOKENS = 64  # tokens per page of the paged KV cache
+
+
+class Batcher:
+    def __init__(self, generator: Generator, max_batch: int):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        self.generator, self.max_batch = generator, max_batch
+        model = generator.model
+        # with an adapter, the LoRA layers live inside the transformers model that peft wraps: batching that model
+        # generates with base + adapter
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.vocab_size = inner.config.vocab_size
+        # every sampling step (temperature, top_k, top_p) must be present for requests to set their own values
+        config = GenerationConfig(do_sample=True, temperature=0.7, top_k=40, top_p=0.9,
+                                  eos_token_id=generator.stop_ids, pad_token_id=generator.tokenizer.pad_token_id)
+        # on a CPU the manager would size its cache from the machine's free memory; room for max_batch requests of
+        # the model's whole context is what can be used. On a GPU it sizes the cache from free GPU memory.
+        pages = -(-max_batch * generator.context_length // PAGE_TOKENS) if generator.device.type == "cpu" else None
+        self.manager = inner.init_continuous_batching(
+            generation_config=config, continuous_batching_config=ContinuousBatchingConfig(
+                page_size=PAGE_TOKENS, num_blocks=pages, max_requests_per_batch=max_batch, per_request_processors=True))
+
+    def takes(self, sampling: Sampling, seed: int | None) -> bool:
+        """Whether this request can join the batch (see the module's docstring for what cannot)."""
+        return sampling.num_beams == 1 and sampling.repetition_penalty == 1 and (seed is None or
+                                                                                  sampling.temperature == 0)
+
+    def _sampling_kwargs(self, sampling: Sampling) -> dict:
+        if sampling.temperature == 0:  # greedy: only the likeliest token survives top_k
+            return {"temperature": 1.0, "top_k": 1, "top_p": 1.0}
+        return {"temperature": float(sampling.temperature), "top_k": sampling.top_k or self.vocab_size,
+                "top_p": float(sampling.top_p)}
+
+    async def stream(self, prompt: list[int], sampling: Sampling, stop: tuple[str, ...] = ()):
+        """Yield the answer's text as the batch generates it (held back where it could start a stop string); the
+        last item is the finished Answer. Closing the iterator early (a client gone) cancels the request."""
+        tokenizer, stop_ids = self.generator.tokenizer, self.generator.stop_ids
+        outputs = asyncio.Queue()
+        request_id = f"request-{uuid.uuid4().hex}"
+        self.manager.register_result_handler(request_id, outputs.put_nowait)  # before it can produce anything
+        self.manager.add_request(prompt, request_id=request_id, max_new_tokens=sampling.max_new_tokens,
+                                 streaming=True, **self._sampling_kwargs(sampling))
+        shown, decoded = StopStrings(stop), ""
+        done = False  # the manager ended the request itself (an end-of-turn token, or max_new_tokens)
+        try:
+            while True:
+                output = await self._next(outputs)
+                if output.error:
+                    raise RuntimeError(f"generation failed: {output.error}")
+                tokens = output.generated_tokens
+                ends = [i for i, token in enumerate(tokens) if token in stop_ids]
+                answer_tokens = tokens[:ends[0]] if ends else tokens
+                done = bool(ends) or output.is_finished() or len(tokens) >= sampling.max_new_tokens
+                # decoded as a whole, so that characters split across tokens come out whole; a trailing partial
+                # character (U+FFFD) waits for its next token
+                text = tokenizer.decode(answer_tokens, skip_special_tokens=True)
+                if not done and text.endswith("\ufffd"):
+                    continue
+                if new := shown.add(text[len(decoded):]):
+                    yield new
+                decoded = text
+                if done or shown.found:
+                    break
+            if rest := shown.rest():
+                yield rest
+            # the text is what was shown: up to a stop string, if one came
+            yield Answer(text=shown.text[:shown.sent].strip(), prompt_tokens=len(prompt),
+                         completion_tokens=len(answer_tokens), finish_reason="stop" if ends or shown.found else "length")
+        finally:
+            if not done:  # a client gone, or a stop string: free the slot at the next step
+                self.manager.cancel_request(request_id)
+                # transformers drops a handler when its request finishes, which a cancelled one may never do
+                with self.manager.output_router._lock:
+                    self.manager.output_router.result_handlers.pop(request_id, None)
+
+    async def _next(self, outputs: asyncio.Queue):
+        """The request's next output; an error, not a wait for ever, if the manager's thread has stopped."""
+        while True:
+            try:
+                return await asyncio.wait_for(outputs.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if not self.manager.is_running():
+                    raise RuntimeError("the batch's generation thread has stopped; restart the server") from None
+
+    def start(self) -> None:
+        """Start the manager's thread (not a daemon: close() must end it)."""
+        with torch.inference_mode():  # the thread takes the caller's mode: no autograd bookkeeping
+            self.manager.start()
+
+    def close(self) -> None:
+        self.manager.stop(block=True, timeout=10)
