@@ -58,7 +58,8 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int]) -> dict:
     generator = Generator(lora_weights=str(adapter), device="cpu")
     parameters = sum(p.numel() for p in generator.model.parameters())
     sampling = Sampling(temperature=0.0, max_new_tokens=new_tokens)  # random weights rarely hit EOS: ~full length
-    prompts = [generator.instruction_ids(i) for i in instructions(max(batch_sizes) * 2)]
+    texts = [generator.template.prompt(i) for i in instructions(max(batch_sizes) * 2)]  # Alpaca prompts, as text
+    prompts = [generator.text_ids(text) for text in texts]
     generator.answer(prompts[:2], sampling)  # warm-up
     result = {"parameters": parameters, "dtype": str(next(generator.model.parameters()).dtype), "batches": {}}
     for batch_size in batch_sizes:
@@ -71,7 +72,7 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int]) -> dict:
     for max_batch in (8, 1):  # continuous batching (the default), and one request at a time as before it
         server = Server(generator, "127.0.0.1", 0, default_sampling=sampling, max_batch=max_batch, max_queue=64).start()
         for clients in CLIENTS:
-            measured = streaming_clients(server.port, prompts, clients, new_tokens)
+            measured = streaming_clients(server.port, texts, clients, new_tokens)
             result["server"][f"max_batch {max_batch}, {clients} clients"] = measured
             print(f"  server (max_batch {max_batch}), {clients} streaming clients: {measured['tokens_per_second']:.1f} "
                   f"new tokens/s, first token median {measured['ttft_median_s']:.2f} s, p95 {measured['ttft_p95_s']:.2f} s",
@@ -83,17 +84,23 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int]) -> dict:
 CLIENTS = (1, 4, 8, 16)
 
 
-def streaming_clients(port: int, prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
-    """`clients` clients at once, each streaming one greedy answer to its own prompt (token ids): the tokens all of
-    them received per second of the whole run, and each one's time to its first token."""
+def streaming_clients(port: int, prompts: list[str], clients: int, new_tokens: int) -> dict:
+    """`clients` clients at once, each streaming one greedy answer to its own prompt: the tokens all of them
+    received per second of the whole run, and each one's time to its first token."""
     import statistics
 
     import openai
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
-    tokens, first = [0] * clients, [0.0] * clients
+    tokens, first, failures = [0] * clients, [0.0] * clients, []
 
     def ask(i):
+        try:
+            answer(i)
+        except Exception as error:  # raised below, not lost with its thread
+            failures.append(error)
+
+    def answer(i):
         sent = time.perf_counter()
         for chunk in client.completions.create(model="x", prompt=prompts[i % len(prompts)], temperature=0,
                                                max_tokens=new_tokens, stream=True,
@@ -109,6 +116,8 @@ def streaming_clients(port: int, prompts: list[list[int]], clients: int, new_tok
     for t in threads:
         t.join()
     seconds = time.perf_counter() - started
+    if failures:
+        raise failures[0]
     ordered = sorted(first)
     return {"clients": clients, "tokens_per_second": sum(tokens) / seconds, "seconds": seconds,
             "ttft_median_s": statistics.median(ordered), "ttft_p95_s": ordered[min(len(ordered) - 1,
