@@ -79,3 +79,19 @@ def test_a_stopped_generation_thread_is_an_error_not_a_wait(tiny_adapter):
     with pytest.raises(RuntimeError, match="the batch's generation thread has stopped"):
         _collect(type("Running", (), {"stream": stopped.stream, "loop": asyncio.new_event_loop()})(),
                  [generator.instruction_ids("Say hi.")], Sampling(temperature=0, max_new_tokens=4))
+
+
+def test_a_4bit_base_is_batched_too(tiny_adapter):
+    """bitsandbytes' 4-bit layers (CPU here) step in the batch like any other: the same greedy answer as alone."""
+    generator = Generator(lora_weights=str(tiny_adapter), bf16=False, device="cpu", load_4bit=True)
+    quantized = Batcher(generator, max_batch=2)
+    quantized.start()
+    quantized.loop = asyncio.new_event_loop()
+    try:
+        prompt = generator.instruction_ids("Say hi.")
+        sampling = Sampling(temperature=0, max_new_tokens=8)
+        [(_, answer)] = _collect(quantized, [prompt], sampling)
+        assert answer == generator.answer([prompt], sampling)[0]
+    finally:
+        quantized.close()
+        quantized.loop.close()
