@@ -18,7 +18,7 @@ import uuid
 
 import torch
 
-from .generate import Answer, Generator, Sampling, StopStrings
+from .generate import Answer, Generator, Sampling, StopStrings, tokens_covering
 
 PAGE_TOKENS = 64  # tokens per page of the paged KV cache
 
@@ -89,7 +89,9 @@ class Batcher:
                 yield rest
             # the text is what was shown: up to a stop string, if one came
             yield Answer(text=shown.text[:shown.sent].strip(), prompt_tokens=len(prompt),
-                         completion_tokens=len(answer_tokens), finish_reason="stop" if ends or shown.found else "length")
+                         completion_tokens=len(answer_tokens), finish_reason="stop" if ends or shown.found else "length",
+                         token_ids=(tokens_covering(tokenizer, answer_tokens, shown.sent) if shown.found
+                                    else answer_tokens))
         finally:
             if not done:  # a client gone, or a stop string: free the slot at the next step
                 self.manager.cancel_request(request_id)

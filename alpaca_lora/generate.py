@@ -8,7 +8,7 @@ stops at the template's end-of-turn token as well as at EOS. The adapter folder 
 """
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    token_ids: list[int] = field(default_factory=list)  # the tokens of `text` (through the one a stop string cut)
 
 
 class Generator:
@@ -155,8 +156,20 @@ class Generator:
             # only the new tokens are decoded, so the answer needs no cutting at the response marker
             text, cut = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), stop)
             answers.append(Answer(text=text.strip(), prompt_tokens=len(prompt_ids), completion_tokens=len(new),
-                                  finish_reason="stop" if stopped or cut else "length"))
+                                  finish_reason="stop" if stopped or cut else "length",
+                                  token_ids=tokens_covering(self.tokenizer, new, len(text)) if cut else new))
         return answers
+
+    def token_logprobs(self, ids: list[int], start: int, top: int = 0) -> list[tuple[int, float, list]]:
+        """For each token of `ids` from position `start` (>= 1) on: its id, its log-probability given the tokens
+        before it, and the `top` likeliest tokens there as (id, log-probability). One forward pass, fp32 softmax."""
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, start - 1:len(ids) - 1]
+        log_probs = logits.float().log_softmax(-1)
+        chosen = log_probs.gather(-1, torch.tensor(ids[start:], device=self.device).unsqueeze(-1))[:, 0].tolist()
+        best = log_probs.topk(top, dim=-1) if top else None
+        return [(token, logprob, list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best else [])
+                for i, (token, logprob) in enumerate(zip(ids[start:], chosen))]
 
     def stream(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
                stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()):
@@ -217,6 +230,15 @@ class StopStrings:
             return ""
         rest, self.sent = self.text[self.sent:], len(self.text)
         return rest
+
+
+def tokens_covering(tokenizer, tokens: list[int], length: int) -> list[int]:
+    """The fewest of `tokens` whose text reaches `length` characters: an answer cut at a stop string keeps the token
+    the cut falls in (the answer's text is never cut mid-token in its tokens)."""
+    for end in range(len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:end], skip_special_tokens=True)) >= length:
+            return tokens[:end]
+    return tokens
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

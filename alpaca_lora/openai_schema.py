@@ -57,10 +57,27 @@ class _Sampled(BaseModel):
 class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     input: StrictStr = ""
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampled):
     prompt: StrictStr | list[StrictStr]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
+    echo: StrictBool = False
+
+
+def logprobs_asked(request) -> tuple[bool, int]:
+    """Whether the answer's log-probabilities are asked for, and how many alternatives per token."""
+    if isinstance(request, ChatRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        asked, top = request.logprobs, request.top_logprobs or 0
+    else:
+        asked, top = request.logprobs is not None, request.logprobs or 0
+    if asked and request.stream:
+        raise RequestError(400, "logprobs are returned with whole answers only: send stream: false", "logprobs")
+    return asked, top
 
 
 def parse_request(body: dict, chat: bool) -> "ChatRequest | CompletionRequest":
@@ -147,6 +164,13 @@ def completion_prompt(request: CompletionRequest) -> str:
     return prompt
 
 
+def scores_only(request) -> bool:
+    """A completion that only scores its prompt (echo with max_tokens 0, as evaluation tools ask): nothing is
+    generated."""
+    return isinstance(request, CompletionRequest) and request.echo and (
+        request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens) == 0
+
+
 def sampling_of(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> tuple[Sampling, tuple[str, ...]]:
     if request.n != 1:
         raise RequestError(400, "only n=1 is supported", "n")
@@ -171,13 +195,51 @@ def usage_of(answer) -> dict:
             "total_tokens": answer.prompt_tokens + answer.completion_tokens}
 
 
-def completion_body(model_name: str, answer, chat: bool) -> dict:
+def chat_logprobs(tokenizer, context: list[int], scored: list) -> dict:
+    """OpenAI's chat `logprobs` object for the answer's tokens (`scored`: Generator.token_logprobs' items)."""
+    content, ids = [], list(context)
+    for token, logprob, best in scored:
+        content.append({**_token(tokenizer, ids, token), "logprob": logprob,
+                        "top_logprobs": [{**_token(tokenizer, ids, other), "logprob": value} for other, value in best]})
+        ids.append(token)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokenizer, context: list[int], scored: list, first_scored: bool) -> dict:
+    """The completions API's `logprobs` object: for echo, `context` is the prompt's first token (which has no
+    log-probability, hence `first_scored` False) and `scored` the rest of prompt and answer."""
+    tokens, token_logprobs, top_logprobs, offsets, ids, offset = [], [], [], [], [], 0
+    if not first_scored:
+        piece = _token(tokenizer, [], context[0])["token"]
+        tokens, token_logprobs, top_logprobs, offsets, ids, offset = [piece], [None], [None], [0], [context[0]], len(piece)
+    else:
+        ids = list(context)
+    for token, logprob, best in scored:
+        piece = _token(tokenizer, ids, token)["token"]
+        tokens.append(piece)
+        token_logprobs.append(logprob)
+        top_logprobs.append({_token(tokenizer, ids, other)["token"]: value for other, value in best})
+        offsets.append(offset)
+        offset += len(piece)
+        ids.append(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def _token(tokenizer, before: list[int], token: int) -> dict:
+    """A token as the text it adds after `before` (SentencePiece writes a word's space only when something precedes
+    it, so a token alone would lose it), and its UTF-8 bytes."""
+    text = tokenizer.decode(before[-8:] + [token], skip_special_tokens=True)[
+        len(tokenizer.decode(before[-8:], skip_special_tokens=True)):]
+    return {"token": text, "bytes": list(text.encode("utf-8"))}
+
+
+def completion_body(model_name: str, answer, chat: bool, logprobs: dict | None = None, echo: str = "") -> dict:
     usage = usage_of(answer)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                  "finish_reason": answer.finish_reason}
+                  "finish_reason": answer.finish_reason, "logprobs": logprobs}
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
+    choice = {"index": 0, "text": echo + answer.text, "finish_reason": answer.finish_reason, "logprobs": logprobs}
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model_name, "choices": [choice], "usage": usage}

@@ -24,9 +24,10 @@ import uuid
 from pathlib import Path
 
 from .batcher import Batcher
-from .generate import Generator, Sampling
-from .openai_schema import (RequestError, chat_prompt, completion_body, completion_prompt, parse_request,
-                            read_json_body, sampling_of, usage_of)
+from .generate import Answer, Generator, Sampling
+from .openai_schema import (RequestError, chat_logprobs, chat_prompt, completion_body, completion_logprobs,
+                            completion_prompt, logprobs_asked, parse_request, read_json_body, sampling_of, scores_only,
+                            usage_of)
 
 PAGE = Path(__file__).resolve().parent / "page.html"
 HEADER_SECONDS = 10  # the most a new connection may take to send its first request's headers
@@ -67,6 +68,11 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         chat = request.url.path == "/v1/chat/completions"
         parsed = parse_request(await read_json_body(request), chat)
         prompt = chat_prompt(generator, parsed) if chat else generator.text_ids(completion_prompt(parsed))
+        with_logprobs, top = logprobs_asked(parsed)
+        if scores_only(parsed):  # the prompt's log-probabilities, nothing generated
+            answer = Answer("", len(prompt), 0, "length")
+            return JSONResponse(completion_body(generator.name, answer, chat, await _logprobs(
+                generator, prompt, answer, chat, top, echo=True), echo=completion_prompt(parsed)))
         sampling, stop = sampling_of(parsed, defaults, max_tokens_cap)
         prompt_tokens = len(prompt)
         if prompt_tokens + sampling.max_new_tokens > generator.context_length:
@@ -96,7 +102,10 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
                                                         stop)
         finally:
             busy["requests"] -= 1
-        return JSONResponse(completion_body(generator.name, answer, chat))
+        echo = not chat and parsed.echo
+        logprobs = await _logprobs(generator, prompt, answer, chat, top, echo) if with_logprobs else None
+        return JSONResponse(completion_body(generator.name, answer, chat, logprobs,
+                                            echo=completion_prompt(parsed) if echo else ""))
 
     def handled(endpoint):
         async def run(request):
@@ -150,6 +159,17 @@ async def _answer_unless_abandoned(request, generator, prompt, sampling, seed, s
         if not task.done() and await request.is_disconnected():
             stop_event.set()
     return task.result()
+
+
+async def _logprobs(generator, prompt: list[int], answer, chat: bool, top: int, echo: bool) -> dict:
+    """The log-probabilities of the answer's tokens (and with `echo`, of the prompt's but the first), computed by one
+    forward pass over prompt + answer (so they are the model's own, whatever sampled the answer)."""
+    ids = prompt + answer.token_ids
+    start = 1 if echo else len(prompt)
+    scored = await asyncio.to_thread(generator.token_logprobs, ids, start, top) if len(ids) > start else []
+    if chat:
+        return chat_logprobs(generator.tokenizer, prompt, scored)
+    return completion_logprobs(generator.tokenizer, prompt if not echo else prompt[:1], scored, first_scored=not echo)
 
 
 async def _last_unless_abandoned(request, pieces):

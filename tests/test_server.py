@@ -479,6 +479,60 @@ def test_a_stream_can_end_with_its_usage(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def _direct_log_probs(generator, ids: list[int]):
+    """log p(ids[i] | ids[:i]) for i >= 1, and the log-softmax rows, straight from the model (fp32)."""
+    import torch
+
+    with torch.no_grad():
+        logits = generator.model(input_ids=torch.tensor([ids])).logits[0].float()
+    rows = logits[:-1].log_softmax(-1)
+    return rows.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1))[:, 0].tolist(), rows
+
+
+def test_chat_logprobs_are_the_models_own(client, generator):
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    reply = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=10, logprobs=True,
+                                           top_logprobs=3)
+    prompt = generator.conversation_ids(messages)
+    answer = generator.answer([prompt], Sampling(temperature=0, max_new_tokens=10))[0]
+    expected, rows = _direct_log_probs(generator, prompt + answer.token_ids)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(answer.token_ids) >= 1
+    for i, item in enumerate(content):
+        assert item.logprob == pytest.approx(expected[len(prompt) - 1 + i], abs=1e-4)
+        assert len(item.top_logprobs) == 3 and item.top_logprobs[0].logprob == pytest.approx(item.logprob, abs=1e-6)
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(
+            rows[len(prompt) - 1 + i].topk(3).values.tolist(), abs=1e-4)
+    assert "".join(item.token for item in content).strip() == reply.choices[0].message.content
+
+
+def test_a_prompt_is_scored_with_echo_and_no_new_tokens(client, generator):
+    """What lm-evaluation-harness's local-completions asks: the prompt's token log-probabilities, nothing generated."""
+    text = "The capital of France is Paris."
+    reply = client.completions.create(model="x", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    ids = generator.text_ids(text)
+    expected, _ = _direct_log_probs(generator, ids)
+    logprobs = reply.choices[0].logprobs
+    assert reply.choices[0].text == text and reply.usage.completion_tokens == 0
+    assert logprobs.token_logprobs[0] is None and logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert "".join(logprobs.tokens) == text and logprobs.text_offset[-1] == len(text) - len(logprobs.tokens[-1])
+    # and with tokens generated after it, the prompt's part is the same
+    more = client.completions.create(model="x", prompt=text, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    assert more.choices[0].logprobs.token_logprobs[:len(ids)] == pytest.approx(logprobs.token_logprobs, abs=1e-6)
+    assert len(more.choices[0].logprobs.tokens) == len(ids) + 2
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "stream": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+])
+def test_logprobs_asked_wrongly_are_400s(client, body, param):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="x", **body)
+    assert error.value.body["param"] == param
+
+
 def test_keep_alive_answers_are_not_held_back(server):
     import http.client
     import time
