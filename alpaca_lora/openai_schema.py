@@ -16,6 +16,7 @@ from .generate import Generator, Sampling
 
 MAX_BODY_BYTES = 1 << 20
 BODY_SECONDS = 30  # the most a client may take to send its body
+MAX_CHOICES = 8  # the most answers (n) one request may ask for
 Number = StrictFloat | StrictInt
 
 
@@ -172,8 +173,10 @@ def scores_only(request) -> bool:
 
 
 def sampling_of(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> tuple[Sampling, tuple[str, ...]]:
-    if request.n != 1:
-        raise RequestError(400, "only n=1 is supported", "n")
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise RequestError(400, f"n must be a whole number in [1, {MAX_CHOICES}]", "n")
+    if request.n > 1 and request.stream:
+        raise RequestError(400, "n > 1 is answered with whole answers only: send stream: false", "n")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > 4 or not all(stop):
         raise RequestError(400, "'stop' takes up to 4 non-empty strings", "stop")
@@ -233,13 +236,17 @@ def _token(tokenizer, before: list[int], token: int) -> dict:
     return {"token": text, "bytes": list(text.encode("utf-8"))}
 
 
-def completion_body(model_name: str, answer, chat: bool, logprobs: dict | None = None, echo: str = "") -> dict:
-    usage = usage_of(answer)
+def completion_body(model_name: str, answers: list, chat: bool, logprobs: list | None = None, echo: str = "") -> dict:
+    """The JSON of a whole answer: one choice per answer (n), usage counting the prompt once."""
+    logprobs = logprobs or [None] * len(answers)
+    usage = {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": sum(a.completion_tokens for a in answers)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                  "finish_reason": answer.finish_reason, "logprobs": logprobs}
+        choices = [{"index": i, "message": {"role": "assistant", "content": answer.text},
+                    "finish_reason": answer.finish_reason, "logprobs": logprobs[i]} for i, answer in enumerate(answers)]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_name, "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": echo + answer.text, "finish_reason": answer.finish_reason, "logprobs": logprobs}
+                "model": model_name, "choices": choices, "usage": usage}
+    choices = [{"index": i, "text": echo + answer.text, "finish_reason": answer.finish_reason, "logprobs": logprobs[i]}
+               for i, answer in enumerate(answers)]
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": [choice], "usage": usage}
+            "model": model_name, "choices": choices, "usage": usage}

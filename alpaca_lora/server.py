@@ -71,8 +71,8 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         with_logprobs, top = logprobs_asked(parsed)
         if scores_only(parsed):  # the prompt's log-probabilities, nothing generated
             answer = Answer("", len(prompt), 0, "length")
-            return JSONResponse(completion_body(generator.name, answer, chat, await _logprobs(
-                generator, prompt, answer, chat, top, echo=True), echo=completion_prompt(parsed)))
+            return JSONResponse(completion_body(generator.name, [answer], chat, [await _logprobs(
+                generator, prompt, answer, chat, top, echo=True)], echo=completion_prompt(parsed)))
         sampling, stop = sampling_of(parsed, defaults, max_tokens_cap)
         prompt_tokens = len(prompt)
         if prompt_tokens + sampling.max_new_tokens > generator.context_length:
@@ -95,16 +95,18 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         busy["requests"] += 1
         try:
-            if batched:
-                answer = await _last_unless_abandoned(request, batcher.stream(prompt, sampling, stop))
-            else:
-                answer = await _answer_unless_abandoned(request, generator, prompt, sampling, parsed.seed, stop_event,
-                                                        stop)
+            if batched:  # n answers share the batch
+                answers = await _last_unless_abandoned(request, [batcher.stream(prompt, sampling, stop)
+                                                                 for _ in range(parsed.n)])
+            else:  # n rows of one generate() call
+                answers = await _answer_unless_abandoned(request, generator, [prompt] * parsed.n, sampling,
+                                                         parsed.seed, stop_event, stop)
         finally:
             busy["requests"] -= 1
         echo = not chat and parsed.echo
-        logprobs = await _logprobs(generator, prompt, answer, chat, top, echo) if with_logprobs else None
-        return JSONResponse(completion_body(generator.name, answer, chat, logprobs,
+        logprobs = [await _logprobs(generator, prompt, answer, chat, top, echo) for answer in answers] \
+            if with_logprobs else None
+        return JSONResponse(completion_body(generator.name, answers, chat, logprobs,
                                             echo=completion_prompt(parsed) if echo else ""))
 
     def handled(endpoint):
@@ -150,10 +152,10 @@ def _authorize(request, api_key: str) -> None:
                            kind="authentication_error")
 
 
-async def _answer_unless_abandoned(request, generator, prompt, sampling, seed, stop_event, stop):
+async def _answer_unless_abandoned(request, generator, prompts, sampling, seed, stop_event, stop) -> list:
     """Generate in a worker thread; if the client goes away meanwhile, tell generation to stop."""
     task = asyncio.ensure_future(asyncio.to_thread(
-        lambda: generator.answer([prompt], sampling, seed, stop_event=stop_event, stop=stop)[0]))
+        lambda: generator.answer(prompts, sampling, seed, stop_event=stop_event, stop=stop)))
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():
@@ -172,14 +174,14 @@ async def _logprobs(generator, prompt: list[int], answer, chat: bool, top: int, 
     return completion_logprobs(generator.tokenizer, prompt if not echo else prompt[:1], scored, first_scored=not echo)
 
 
-async def _last_unless_abandoned(request, pieces):
-    """The last item of a batched answer's stream (the Answer); if the client goes away meanwhile, the stream is
-    cancelled, which cancels its request in the batch."""
-    async def last():
+async def _last_unless_abandoned(request, streams: list) -> list:
+    """The last item of each batched answer's stream (its Answer); if the client goes away meanwhile, the streams are
+    cancelled, which cancels their requests in the batch."""
+    async def last(pieces):
         async for item in pieces:
             final = item
         return final
-    task = asyncio.ensure_future(last())
+    task = asyncio.ensure_future(asyncio.gather(*(last(pieces) for pieces in streams)))
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():

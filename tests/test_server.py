@@ -80,7 +80,8 @@ def test_a_wrong_or_missing_key_is_401(server):
     ({"messages": [{"role": "user", "content": 3}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, "n"),
     ({"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 8}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "num_beams": 2}, "num_beams"),
 ])
@@ -467,6 +468,24 @@ def test_openai_s_parameters_mean_what_they_mean_there(client, generator):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="x", messages=messages, extra_body={"n": True})
     assert error.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.1}], ids=["batched", "alone"])
+def test_n_answers_in_one_request(client, generator, extra):
+    """n sampled answers (sharing the batch, or as rows of one generate call): n choices, the prompt counted once;
+    greedy, n copies of the one answer."""
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    sampled = client.chat.completions.create(model="x", messages=messages, temperature=1.0, max_tokens=8, n=3,
+                                             extra_body=extra)
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and all(c.message.content for c in sampled.choices)
+    prompt_tokens = len(generator.conversation_ids(messages))
+    assert sampled.usage.prompt_tokens == prompt_tokens
+    assert sampled.usage.completion_tokens <= 3 * 8
+    greedy = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=8, n=2,
+                                            extra_body=extra)
+    alone = generator.answer([generator.conversation_ids(messages)], Sampling(temperature=0, max_new_tokens=8,
+                                                                              **extra))[0].text
+    assert [c.message.content for c in greedy.choices] == [alone, alone]
 
 
 def test_a_stream_can_end_with_its_usage(client):
