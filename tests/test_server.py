@@ -112,24 +112,6 @@ def test_malformed_json_and_unknown_paths(server):
     assert json.loads(urllib.request.urlopen(request).read())["object"] == "text_completion"
 
 
-def test_concurrent_requests_are_not_interleaved(client):
-    prompts = ["Name three fruits.", "Describe the sea in one sentence.", "Count to five."]
-    alone = [client.chat.completions.create(model="x", messages=[{"role": "user", "content": p}], temperature=0,
-                                            max_tokens=16).choices[0].message.content for p in prompts]
-    results = [None] * len(prompts)
-
-    def ask(i):
-        chunks = client.chat.completions.create(model="x", messages=[{"role": "user", "content": prompts[i]}],
-                                                temperature=0, max_tokens=16, stream=True)
-        results[i] = "".join(c.choices[0].delta.content or "" for c in chunks).strip()
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == alone
-
-
 def test_the_page_is_served_without_a_key(server):
     page = urllib.request.urlopen(server + "/").read().decode()
     assert "<title>alpaca-lora</title>" in page and "/v1/chat/completions" in page
