@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 from conftest import REPO, run_script
@@ -116,6 +117,19 @@ def test_bad_input_file_is_one_line(tiny_adapter, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"generate.py: error: {bad}: 1 bad row(s) of 1: row 1: 'output'")
     missing = run_script(REPO / "generate.py", "--lora_weights", tmp_path / "nothing")
     assert missing.returncode == 1 and "generate.py: error: --lora_weights" in missing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(max_batch=0), "--max_batch 0: must be a whole number >= 1"),
+    (dict(max_queue=-1), "--max_queue -1: must be a whole number >= 0"),
+    (dict(batch_size=True), "--batch_size True: must be a whole number >= 1"),
+])
+def test_server_and_batch_sizes_are_checked_before_loading(flags, message, monkeypatch):
+    from alpaca_lora import generate_cli
+
+    monkeypatch.setattr(generate_cli, "Generator", lambda *args, **kwargs: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        generate_cli.run_generate(generate_cli.GenerateConfig(lora_weights="x", serve=True, **flags))
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(generator, monkeypatch):
