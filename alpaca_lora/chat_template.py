@@ -27,11 +27,12 @@ from .errors import first_line
 from .templates import TEMPLATES_DIR
 
 TOKENIZER_TEMPLATE = "tokenizer"  # --chat_template value: the base model's tokenizer's own template
-# Llama 3.2's template prints today's date (strftime_now) unless `date_string` is set, Llama 3.1's whatever date_string
-# the caller passes: a template that reads the clock or that variable gets this date set at its top, so that training, its tokenization cache, inference and whatever later renders the
-# exported template (transformers, llama.cpp, vLLM) produce the same text on any day. It is the date Llama 3.1's
-# template falls back to; transformers passes templates no functions, so strftime_now itself cannot be replaced. Set
-# whatever the caller passes: llama.cpp passes today's date as `date_string` (tested).
+# Llama 3.2's template prints today's date (strftime_now) unless `date_string` is set, Llama 3.1's whatever
+# date_string the caller passes: a template that reads the clock or that variable gets this date set at its top,
+# whatever the caller passes (llama.cpp passes today's, tested), so that training, its tokenization cache, inference
+# and whatever later renders the exported template (transformers, llama.cpp, vLLM) produce the same text on any day.
+# It is the date Llama 3.1's template falls back to; transformers passes templates no functions, so strftime_now
+# itself cannot be replaced.
 FIXED_DATE = "26 Jul 2024"
 _SET_FIXED_DATE = "{%- set date_string = \"" + FIXED_DATE + "\" -%}\n"
 # Templates with a thinking switch (Qwen3, SmolLM3) write a trained answer after an empty think block (rows carry no

@@ -110,7 +110,7 @@ def export_gguf(merged, state: dict, adapter_folder: Path, base_folder: Path, to
     the stop tokens from the adapter's generation_config.json, and llama.cpp's checks where llama-cpp-python is."""
     from transformers import GenerationConfig
 
-    from .chat_template import bos_ids
+    from .chat_template import bos_ids, load_chat_template
 
     folders = [adapter_folder, base_folder]
     tokenizer_folder = next((f for f in folders if (f / "tokenizer.json").is_file()), adapter_folder)
@@ -121,19 +121,14 @@ def export_gguf(merged, state: dict, adapter_folder: Path, base_folder: Path, to
     check = _llama_cpp_check(tokenizer, chat_template, adapter_folder, probe, reference_logits, config.gguf_type)
     # an adapter trained on Alpaca's prompt gets templates/alpaca.jinja in the file, which renders one user message as
     # that prompt without input, so that llama.cpp's chat (llama-server, llama-cli -cnv) prompts as training did
-    file_template = chat_template or (_alpaca_chat_template() if prompt_template == "alpaca" else None)
+    file_template = chat_template or (load_chat_template("alpaca", tokenizer).source if prompt_template == "alpaca"
+                                      else None)
     report = write_gguf(merged.config, state, tokenizer_folder, sentencepiece_model, tokenizer, file_template, stops,
                         bool(bos_ids(tokenizer)), config, write, check)
     report["modelfile"] = str(write_modelfile(Path(config.gguf).expanduser(), chat_template, prompt_template,
                                               tokenizer.convert_ids_to_tokens(stops)))
     write(f"wrote {report['modelfile']}: `ollama create NAME -f {report['modelfile']}`")
     return report
-
-
-def _alpaca_chat_template() -> str:
-    from .chat_template import TEMPLATES_DIR
-
-    return (TEMPLATES_DIR / "alpaca.jinja").read_text(encoding="utf-8")
 
 
 def write_modelfile(gguf_path: Path, chat_template: str | None, prompt_template: str | None,

@@ -193,54 +193,51 @@ def sampling_of(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> t
     return sampling, stop
 
 
-def usage_of(answer) -> dict:
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+def usage_of(answers: list) -> dict:
+    """Token counts of a request's answers (n of them share one prompt, counted once)."""
+    usage = {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": sum(a.completion_tokens for a in answers)}
+    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
 def chat_logprobs(tokenizer, context: list[int], scored: list) -> dict:
     """OpenAI's chat `logprobs` object for the answer's tokens (`scored`: Generator.token_logprobs' items)."""
     content, ids = [], list(context)
     for token, logprob, best in scored:
-        content.append({**_token(tokenizer, ids, token), "logprob": logprob,
-                        "top_logprobs": [{**_token(tokenizer, ids, other), "logprob": value} for other, value in best]})
+        pieces = _pieces(tokenizer, ids, [token] + [other for other, _ in best])
+        content.append({**pieces[0], "logprob": logprob, "top_logprobs": [
+            {**piece, "logprob": value} for piece, (_, value) in zip(pieces[1:], best)]})
         ids.append(token)
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokenizer, context: list[int], scored: list, first_scored: bool) -> dict:
-    """The completions API's `logprobs` object: for echo, `context` is the prompt's first token (which has no
-    log-probability, hence `first_scored` False) and `scored` the rest of prompt and answer."""
-    tokens, token_logprobs, top_logprobs, offsets, ids, offset = [], [], [], [], [], 0
-    if not first_scored:
-        piece = _token(tokenizer, [], context[0])["token"]
-        tokens, token_logprobs, top_logprobs, offsets, ids, offset = [piece], [None], [None], [0], [context[0]], len(piece)
-    else:
-        ids = list(context)
+def completion_logprobs(tokenizer, context: list[int], scored: list) -> dict:
+    """The completions API's `logprobs` object for the tokens of `scored` after `context`; an item with no
+    log-probability (None: an echoed prompt's first token) has no alternatives either."""
+    tokens, token_logprobs, top_logprobs, offsets, ids, offset = [], [], [], [], list(context), 0
     for token, logprob, best in scored:
-        piece = _token(tokenizer, ids, token)["token"]
-        tokens.append(piece)
-        token_logprobs.append(logprob)
-        top_logprobs.append({_token(tokenizer, ids, other)["token"]: value for other, value in best})
+        pieces = [piece["token"] for piece in _pieces(tokenizer, ids, [token] + [other for other, _ in best])]
         offsets.append(offset)
-        offset += len(piece)
+        offset += len(pieces[0])
+        tokens.append(pieces[0])
+        token_logprobs.append(logprob)
+        top_logprobs.append(None if logprob is None else dict(zip(pieces[1:], (value for _, value in best))))
         ids.append(token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def _token(tokenizer, before: list[int], token: int) -> dict:
-    """A token as the text it adds after `before` (SentencePiece writes a word's space only when something precedes
-    it, so a token alone would lose it), and its UTF-8 bytes."""
-    text = tokenizer.decode(before[-8:] + [token], skip_special_tokens=True)[
-        len(tokenizer.decode(before[-8:], skip_special_tokens=True)):]
-    return {"token": text, "bytes": list(text.encode("utf-8"))}
+def _pieces(tokenizer, before: list[int], candidates: list[int]) -> list[dict]:
+    """Each candidate token as the text it adds after `before` (SentencePiece writes a word's space only when
+    something precedes it, so a token alone would lose it), with its UTF-8 bytes."""
+    context = before[-8:]
+    prefix = len(tokenizer.decode(context, skip_special_tokens=True))
+    texts = [tokenizer.decode(context + [token], skip_special_tokens=True)[prefix:] for token in candidates]
+    return [{"token": text, "bytes": list(text.encode("utf-8"))} for text in texts]
 
 
 def completion_body(model_name: str, answers: list, chat: bool, logprobs: list | None = None, echo: str = "") -> dict:
     """The JSON of a whole answer: one choice per answer (n), usage counting the prompt once."""
     logprobs = logprobs or [None] * len(answers)
-    usage = {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": sum(a.completion_tokens for a in answers)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    usage = usage_of(answers)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": answer.text},
                     "finish_reason": answer.finish_reason, "logprobs": logprobs[i]} for i, answer in enumerate(answers)]

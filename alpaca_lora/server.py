@@ -171,7 +171,9 @@ async def _logprobs(generator, prompt: list[int], answer, chat: bool, top: int, 
     scored = await asyncio.to_thread(generator.token_logprobs, ids, start, top) if len(ids) > start else []
     if chat:
         return chat_logprobs(generator.tokenizer, prompt, scored)
-    return completion_logprobs(generator.tokenizer, prompt if not echo else prompt[:1], scored, first_scored=not echo)
+    if echo:  # the prompt's first token is echoed too, with no log-probability
+        return completion_logprobs(generator.tokenizer, [], [(prompt[0], None, [])] + scored)
+    return completion_logprobs(generator.tokenizer, prompt, scored)
 
 
 async def _last_unless_abandoned(request, streams: list) -> list:
@@ -221,7 +223,7 @@ async def _events(pieces, stop_event, busy, model_name: str, chat: bool, include
                 yield event(None, finish_reason=piece.finish_reason)
                 if include_usage:
                     usage = {"id": completion_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                             "created": created, "model": model_name, "choices": [], "usage": usage_of(piece)}
+                             "created": created, "model": model_name, "choices": [], "usage": usage_of([piece])}
                     yield f"data: {json.dumps(usage)}\n\n"
     except Exception as error:  # after the headers went out: say so inside the stream
         yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
