@@ -19,6 +19,7 @@ import uuid
 import torch
 
 from .generate import Answer, Generator, Sampling, StopStrings, tokens_covering
+from .mixed_adapters import BASE
 
 PAGE_TOKENS = 64  # tokens per page of the paged KV cache
 
@@ -40,9 +41,19 @@ class Batcher:
         # on a CPU the manager would size its cache from the machine's free memory; room for max_batch requests of
         # the model's whole context is what can be used. On a GPU it sizes the cache from free GPU memory.
         pages = -(-max_batch * generator.context_length // PAGE_TOKENS) if generator.device.type == "cpu" else None
+        # several adapters: the step's requests are read when its forward pass starts (so the batch is prepared
+        # step by step, not ahead, and not replayed from a CUDA graph), and two requests with one prompt must not
+        # share its cached keys and values, which each adapter computes differently
+        mixed = {"use_async_batching": False, "use_cuda_graph": False, "allow_block_sharing": False} \
+            if generator.routing else {}
         self.manager = inner.init_continuous_batching(
             generation_config=config, continuous_batching_config=ContinuousBatchingConfig(
-                page_size=PAGE_TOKENS, num_blocks=pages, max_requests_per_batch=max_batch, per_request_processors=True))
+                page_size=PAGE_TOKENS, num_blocks=pages, max_requests_per_batch=max_batch, per_request_processors=True,
+                **mixed))
+        self.adapter_of = {}  # request id -> the peft adapter it is answered through
+        # (one batcher per generator: the hooks read this batcher's batch, until close() removes them)
+        self.hooks = [inner.register_forward_pre_hook(self._route_tokens, with_kwargs=True),
+                      inner.register_forward_hook(lambda *_: generator.routing.route(None))] if generator.routing else []
 
     def takes(self, sampling: Sampling, seed: int | None) -> bool:
         """Whether this request can join the batch (see the module's docstring for what cannot)."""
@@ -55,12 +66,29 @@ class Batcher:
         return {"temperature": float(sampling.temperature), "top_k": sampling.top_k or self.vocab_size,
                 "top_p": float(sampling.top_p)}
 
-    async def stream(self, prompt: list[int], sampling: Sampling, stop: tuple[str, ...] = ()):
+    def _route_tokens(self, module, args, kwargs):
+        """Before a batch's forward pass (in the manager's thread): each token through its request's adapter."""
+        if "cu_seq_lens_q" not in kwargs:  # not the batch's forward pass
+            return
+        # the requests of the step being computed, in the order their tokens are laid out
+        requests = self.manager.batch_processor.inputs_and_outputs.requests_in_batch
+        names = [name for future in requests
+                 for name in [self.adapter_of.get(future.state.request_id, BASE)] * future.query_length]
+        if len(names) != int(kwargs["cu_seq_lens_q"][len(requests)]):
+            raise RuntimeError(f"adapter routing: the batch's {len(requests)} requests hold {len(names)} tokens, its "
+                               f"forward pass {int(kwargs['cu_seq_lens_q'][len(requests)])}")
+        # padding the batch may add runs through the bare base
+        self.generator.routing.route(names + [BASE] * (kwargs["input_ids"].shape[1] - len(names)))
+
+    async def stream(self, prompt: list[int], sampling: Sampling, stop: tuple[str, ...] = (),
+                     model_name: str | None = None):
         """Yield the answer's text as the batch generates it (held back where it could start a stop string); the
-        last item is the finished Answer. Closing the iterator early (a client gone) cancels the request."""
+        last item is the finished Answer. Closing the iterator early (a client gone) cancels the request. With
+        several adapters, `model_name` picks the one it is answered through."""
         tokenizer, stop_ids = self.generator.tokenizer, self.generator.stop_ids
         outputs = asyncio.Queue()
         request_id = f"request-{uuid.uuid4().hex}"
+        self.adapter_of[request_id] = self.generator.adapter_of(model_name)
         self.manager.register_result_handler(request_id, outputs.put_nowait)  # before it can produce anything
         self.manager.add_request(prompt, request_id=request_id, max_new_tokens=sampling.max_new_tokens,
                                  streaming=True, **self._sampling_kwargs(sampling))
@@ -93,6 +121,7 @@ class Batcher:
                          token_ids=(tokens_covering(tokenizer, answer_tokens, shown.sent) if shown.found
                                     else answer_tokens))
         finally:
+            self.adapter_of.pop(request_id, None)
             if not done:  # a client gone, or a stop string: free the slot at the next step
                 self.manager.cancel_request(request_id)
                 # transformers drops a handler when its request finishes, which a cancelled one may never do
@@ -115,3 +144,5 @@ class Batcher:
 
     def close(self) -> None:
         self.manager.stop(block=True, timeout=10)
+        for hook in self.hooks:
+            hook.remove()

@@ -7,6 +7,7 @@ stops at the template's end-of-turn token as well as at EOS. The adapter folder 
 (training_summary.json names the base model and the template), so `lora_weights` alone is enough.
 """
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from .adapter_folder import describe_adapter
 from .chat_template import ChatTemplate, bos_ids, end_of_turn_ids, load_chat_template, prompt_text
 from .conversations import user_message
 from .errors import first_line
+from .mixed_adapters import BASE, AdapterRouting, check_servable_together, parse_adapters
 from .model import fast_bf16_available, load_model, load_tokenizer, set_pad_token
 from .templates import load_template
 
@@ -74,7 +76,11 @@ class Generator:
     def __init__(self, base_model: str = "", lora_weights: str = "", prompt_template: str = "",
                  load_8bit: bool = False, load_4bit: bool = False, bf16: bool | None = None, device: str = "",
                  chat_template: str = ""):
-        adapter = describe_adapter(lora_weights) if lora_weights else None
+        folders = parse_adapters(lora_weights)
+        adapters = {name: describe_adapter(folder) for name, folder in folders.items()}
+        if len(adapters) > 1:
+            check_servable_together(adapters)
+        adapter = next(iter(adapters.values()), None)  # the first: the others have its base and prompt layout
         base_model = adapter.base_model_or(base_model) if adapter else base_model
         if not base_model:
             raise ValueError("--base_model is required (or an adapter folder that names its base model)")
@@ -82,7 +88,7 @@ class Generator:
         use_bf16 = fast_bf16_available(self.device) if bf16 is None else bf16
         self.template = load_template(prompt_template or (adapter and adapter.prompt_template) or "alpaca")
         # the adapter folder carries the tokenizer it was trained with (pad token and chat template included)
-        self.tokenizer = load_tokenizer(lora_weights if lora_weights and (Path(lora_weights) / "tokenizer_config.json").exists()
+        self.tokenizer = load_tokenizer(adapter.folder if adapter and (adapter.folder / "tokenizer_config.json").exists()
                                         else base_model)
         # --chat_template, else the one the adapter was trained with, else none: Alpaca prompts (self.template)
         self.chat_template = (load_chat_template(chat_template, self.tokenizer) if chat_template
@@ -93,18 +99,33 @@ class Generator:
         quantization = "4bit" if load_4bit else "8bit" if load_8bit else None
         model = load_model(base_model, quantization, use_bf16, self.device)
         model.config.use_cache = True  # load_model sets it off for training; generation needs the KV cache
-        if lora_weights:
-            from peft import PeftModel
-
-            try:
-                model = PeftModel.from_pretrained(model, lora_weights)
-            except (RuntimeError, ValueError, KeyError) as error:
-                raise ValueError(f"--lora_weights {lora_weights}: does not fit --base_model {base_model} "
-                                 f"({first_line(error)}); pass the base model the adapter was trained on") from None
+        # with name=folder pairs, every adapter and the bare base are served, each request through the one it names
+        named = "=" in lora_weights
+        for index, (name, folder) in enumerate(folders.items()):
+            model = _with_adapter(model, folder, base_model, name if named else "default", first=index == 0)
         self.model = model.eval()
-        self.name = Path(lora_weights).name if lora_weights else Path(base_model).name
+        self.name = next(iter(folders)) if folders else Path(base_model).name
+        self.routing = AdapterRouting(model) if named else None
+        # a request's model name -> the peft adapter it is answered through (None: the one loaded, whatever the name)
+        self.served = {**{name: name for name in folders}, Path(base_model).name: BASE} if named else {self.name: None}
+        if named and len(self.served) <= len(folders):
+            raise ValueError(f"--lora_weights {lora_weights!r}: an adapter is named {Path(base_model).name!r}, the "
+                             "base model's name, which requests use for the bare base; rename the adapter")
         self.context_length = getattr(model.config, "max_position_embeddings", 2048)
         self.lock = threading.Lock()  # one generation at a time: concurrent callers queue, never interleave
+
+    def adapter_of(self, model_name: str | None) -> str | None:
+        """The peft adapter a request for `model_name` (one of `served`; None: the first) is answered through; None
+        when one adapter was loaded without a name, which answers whatever name a request gives."""
+        if self.routing is None:
+            return None
+        if (model_name or self.name) not in self.served:
+            raise ValueError(f"model {model_name!r}: not served here; use one of {', '.join(self.served)}")
+        return self.served[model_name or self.name]
+
+    def through(self, model_name: str | None):
+        """The context in which this thread's forward passes use the adapter `model_name` names."""
+        return self.routing.through(self.adapter_of(model_name)) if self.routing else contextlib.nullcontext()
 
     def text_ids(self, text: str) -> list[int]:
         """A raw prompt as training lays out text: BOS exactly once, then the text's tokens, nothing appended."""
@@ -125,7 +146,8 @@ class Generator:
         return self.text_ids(prompt_text(self.chat_template, self.tokenizer, messages))
 
     def answer(self, prompts: list[list[int]], sampling: Sampling, seed: int | None = None, streamer=None,
-               stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()) -> list[Answer]:
+               stop_event: threading.Event | None = None, stop: tuple[str, ...] = (),
+               model_name: str | None = None) -> list[Answer]:
         """Answer a batch of prompts (token ids): left-padded with an attention mask, so each answer equals the
         prompt answered alone. Generation ends at EOS or the end-of-turn token, at max_new_tokens, when
         `stop_event` is set (the caller left), or once the text holds one of the `stop` strings, which is cut off
@@ -138,7 +160,7 @@ class Generator:
         from transformers import StoppingCriteriaList
 
         criteria = _StopCriteria(stop_event, stop, self.tokenizer, width)
-        with self.lock, torch.no_grad():
+        with self.lock, torch.no_grad(), self.through(model_name):
             if seed is not None:
                 torch.manual_seed(seed)
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
@@ -160,10 +182,11 @@ class Generator:
                                   token_ids=tokens_covering(self.tokenizer, new, len(text)) if cut else new))
         return answers
 
-    def token_logprobs(self, ids: list[int], start: int, top: int = 0) -> list[tuple[int, float, list]]:
+    def token_logprobs(self, ids: list[int], start: int, top: int = 0,
+                       model_name: str | None = None) -> list[tuple[int, float, list]]:
         """For each token of `ids` from position `start` (>= 1) on: its id, its log-probability given the tokens
         before it, and the `top` likeliest tokens there as (id, log-probability). One forward pass, fp32 softmax."""
-        with torch.no_grad():
+        with torch.no_grad(), self.through(model_name):
             logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, start - 1:len(ids) - 1]
         log_probs = logits.float().log_softmax(-1)
         chosen = log_probs.gather(-1, torch.tensor(ids[start:], device=self.device).unsqueeze(-1))[:, 0].tolist()
@@ -172,7 +195,7 @@ class Generator:
                 for i, (token, logprob) in enumerate(zip(ids[start:], chosen))]
 
     def stream(self, prompt: list[int], sampling: Sampling, seed: int | None = None,
-               stop_event: threading.Event | None = None, stop: tuple[str, ...] = ()):
+               stop_event: threading.Event | None = None, stop: tuple[str, ...] = (), model_name: str | None = None):
         """Yield the answer's text as it is generated; the last item is the finished Answer. Text that could be
         the start of a `stop` string is held back until it is known not to be one."""
         from transformers import TextIteratorStreamer
@@ -185,7 +208,7 @@ class Generator:
 
         def run():
             try:
-                result["answer"] = self.answer([prompt], sampling, seed, streamer, stop_event, stop)[0]
+                result["answer"] = self.answer([prompt], sampling, seed, streamer, stop_event, stop, model_name)[0]
             except Exception as error:  # surfaced to the caller below
                 result["error"] = error
                 streamer.end()
@@ -261,6 +284,20 @@ class _StopCriteria:
             return torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
         return torch.tensor([cut_at_stop(t, self.stop)[1] for t in texts], device=input_ids.device)
+
+
+def _with_adapter(model, folder: str, base_model: str, name: str, first: bool):
+    """The model with the adapter in `folder` added under `name` (peft wraps the base for the first one)."""
+    from peft import PeftModel
+
+    try:
+        if first:
+            return PeftModel.from_pretrained(model, folder, adapter_name=name)
+        model.load_adapter(folder, adapter_name=name)
+        return model
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"--lora_weights {folder}: does not fit --base_model {base_model} "
+                         f"({first_line(error)}); pass the base model the adapter was trained on") from None
 
 
 def _default_device() -> torch.device:

@@ -12,6 +12,7 @@ from pathlib import Path
 from .data import load_rows, validate_rows
 from .files import append_jsonl, resume_jsonl
 from .generate import Generator, Sampling
+from .mixed_adapters import parse_adapters
 from .server import Server
 
 
@@ -20,7 +21,9 @@ class GenerateConfig:
     """Every flag of generate.py, with its default."""
 
     base_model: str = field(default="", metadata={"help": "hub id or folder of the base model (default: the one the adapter names)"})
-    lora_weights: str = field(default="", metadata={"help": "adapter folder from finetune.py (none for a merged model)"})
+    lora_weights: str = field(default="", metadata={
+        "help": "adapter folder from finetune.py (none for a merged model); --serve also takes several adapters of one "
+                "base as name=folder,name=folder (requests pick one by model name, the base by its own)"})
     prompt_template: str = field(default="", metadata={
         "help": "Alpaca template name or .json path, used without a chat template (default: the adapter's, else alpaca)"})
     chat_template: str = field(default="", metadata={
@@ -61,6 +64,9 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
             raise ValueError(f"--{flag} {value!r}: must be a whole number >= {low}")
     sampling = Sampling(config.temperature, config.top_p, config.top_k, config.num_beams, config.max_new_tokens,
                         config.repetition_penalty).validated(max_new_tokens_cap=100_000)
+    if len(parse_adapters(config.lora_weights)) > 1 and not config.serve:
+        raise ValueError(f"--lora_weights {config.lora_weights!r}: several adapters are served together (--serve); "
+                         "pass one folder to answer here")
     if config.input_file and not Path(config.input_file).expanduser().is_file():
         raise ValueError(f"--input_file {config.input_file}: no such file")
     generator = Generator(config.base_model, config.lora_weights, config.prompt_template, config.load_8bit,
@@ -71,7 +77,7 @@ def run_generate(config: GenerateConfig, read=input, write=print) -> None:
         if not server.loopback and not config.api_key:
             write(f"warning: serving on {config.server_name} without --api_key: anyone who can reach this machine "
                   "can use the model")
-        write(f"serving {generator.name} on http://{config.server_name}:{server.port}/ "
+        write(f"serving {', '.join(generator.served)} on http://{config.server_name}:{server.port}/ "
               f"(OpenAI API under /v1{', API key required' if config.api_key else ''}); Ctrl-C stops")
         server.serve()
     elif config.input_file:

@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   the last user message is the instruction ("input" is an optional extra field)
     POST /v1/completions        the prompt text as it is, no template
-    GET  /v1/models             the one model served
+    GET  /v1/models             the models served: one, or several adapters of one base and the base
     GET  /                      a page with instruction, input, sampling controls and a streamed answer
 
 HTTP itself (framing, chunked bodies, keep-alive, a body never read) is uvicorn's and h11's; requests are checked
@@ -46,7 +46,7 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
     page = PAGE.read_text().replace("__DEFAULTS__", json.dumps({
         "temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k,
         "num_beams": defaults.num_beams, "max_tokens": defaults.max_new_tokens})).replace(
-        "__CHAT__", json.dumps(generator.chat_template is not None))
+        "__CHAT__", json.dumps(generator.chat_template is not None)).replace("__MODELS__", json.dumps(list(generator.served)))
     busy = {"requests": 0}  # being answered or waiting
     capacity = (batcher.max_batch if batcher else 1) + max_queue
 
@@ -61,18 +61,19 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
     async def models(request):
         _authorize(request, api_key)
         return JSONResponse({"object": "list", "data": [
-            {"id": generator.name, "object": "model", "created": 0, "owned_by": "alpaca-lora"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "alpaca-lora"} for name in generator.served]})
 
     async def completions(request):
         _authorize(request, api_key)
         chat = request.url.path == "/v1/chat/completions"
         parsed = parse_request(await read_json_body(request), chat)
+        model = _served_model(generator, parsed.model)
         prompt = chat_prompt(generator, parsed) if chat else generator.text_ids(completion_prompt(parsed))
         with_logprobs, top = logprobs_asked(parsed)
         if scores_only(parsed):  # the prompt's log-probabilities, nothing generated
             answer = Answer("", len(prompt), 0, "length")
-            return JSONResponse(completion_body(generator.name, [answer], chat, [await _logprobs(
-                generator, prompt, answer, chat, top, echo=True)], echo=completion_prompt(parsed)))
+            return JSONResponse(completion_body(model, [answer], chat, [await _logprobs(
+                generator, model, prompt, answer, chat, top, echo=True)], echo=completion_prompt(parsed)))
         sampling, stop = sampling_of(parsed, defaults, max_tokens_cap)
         prompt_tokens = len(prompt)
         if prompt_tokens + sampling.max_new_tokens > generator.context_length:
@@ -88,25 +89,25 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         stop_event = threading.Event()
         batched = batcher is not None and batcher.takes(sampling, parsed.seed)
         if parsed.stream:  # counted while its events are produced (a client gone before the first one costs nothing)
-            pieces = (batcher.stream(prompt, sampling, stop) if batched else
-                      iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop)))
+            pieces = (batcher.stream(prompt, sampling, stop, model) if batched else
+                      iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop, model)))
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            return StreamingResponse(_events(pieces, stop_event, busy, generator.name, chat, include_usage),
+            return StreamingResponse(_events(pieces, stop_event, busy, model, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         busy["requests"] += 1
         try:
             if batched:  # n answers share the batch
-                answers = await _last_unless_abandoned(request, [batcher.stream(prompt, sampling, stop)
+                answers = await _last_unless_abandoned(request, [batcher.stream(prompt, sampling, stop, model)
                                                                  for _ in range(parsed.n)])
             else:  # n rows of one generate() call
-                answers = await _answer_unless_abandoned(request, generator, [prompt] * parsed.n, sampling,
+                answers = await _answer_unless_abandoned(request, generator, model, [prompt] * parsed.n, sampling,
                                                          parsed.seed, stop_event, stop)
         finally:
             busy["requests"] -= 1
         echo = not chat and parsed.echo
-        logprobs = [await _logprobs(generator, prompt, answer, chat, top, echo) for answer in answers] \
+        logprobs = [await _logprobs(generator, model, prompt, answer, chat, top, echo) for answer in answers] \
             if with_logprobs else None
-        return JSONResponse(completion_body(generator.name, answers, chat, logprobs,
+        return JSONResponse(completion_body(model, answers, chat, logprobs,
                                             echo=completion_prompt(parsed) if echo else ""))
 
     def handled(endpoint):
@@ -152,10 +153,21 @@ def _authorize(request, api_key: str) -> None:
                            kind="authentication_error")
 
 
-async def _answer_unless_abandoned(request, generator, prompts, sampling, seed, stop_event, stop) -> list:
+def _served_model(generator: Generator, name: str | None) -> str:
+    """The name a request's answer is given: the served model it asks for (with several adapters, an unknown name is
+    404 and none is the first adapter); with one adapter, that one's name whatever the request says."""
+    if generator.routing is None or name is None:
+        return generator.name
+    if name not in generator.served:
+        raise RequestError(404, f"the model {name!r} is not served here; use one of {', '.join(generator.served)} "
+                                "(GET /v1/models)", "model", kind="not_found_error")
+    return name
+
+
+async def _answer_unless_abandoned(request, generator, model, prompts, sampling, seed, stop_event, stop) -> list:
     """Generate in a worker thread; if the client goes away meanwhile, tell generation to stop."""
     task = asyncio.ensure_future(asyncio.to_thread(
-        lambda: generator.answer(prompts, sampling, seed, stop_event=stop_event, stop=stop)))
+        lambda: generator.answer(prompts, sampling, seed, stop_event=stop_event, stop=stop, model_name=model)))
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():
@@ -163,12 +175,12 @@ async def _answer_unless_abandoned(request, generator, prompts, sampling, seed, 
     return task.result()
 
 
-async def _logprobs(generator, prompt: list[int], answer, chat: bool, top: int, echo: bool) -> dict:
+async def _logprobs(generator, model: str, prompt: list[int], answer, chat: bool, top: int, echo: bool) -> dict:
     """The log-probabilities of the answer's tokens (and with `echo`, of the prompt's but the first), computed by one
     forward pass over prompt + answer (so they are the model's own, whatever sampled the answer)."""
     ids = prompt + answer.token_ids
     start = 1 if echo else len(prompt)
-    scored = await asyncio.to_thread(generator.token_logprobs, ids, start, top) if len(ids) > start else []
+    scored = await asyncio.to_thread(generator.token_logprobs, ids, start, top, model) if len(ids) > start else []
     if chat:
         return chat_logprobs(generator.tokenizer, prompt, scored)
     if echo:  # the prompt's first token is echoed too, with no log-probability

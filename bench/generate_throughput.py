@@ -5,8 +5,10 @@
 Models (random weights, so every answer runs to max_new_tokens and the counts are comparable): the demo size
 (hidden 128, 4 layers, 1,024-token vocabulary) and a LLaMA-shaped model of about 200M parameters (hidden 1024,
 12 layers, 16 heads, MLP 2816, the 32,000-token LLaMA vocabulary where ../shared has it). Each gets an adapter
-(LoRA r=8 on q,v) and answers real Alpaca instructions greedily; the rate counts the tokens actually generated. Server: 8 clients at once, each asking for
-the same number of tokens, through the OpenAI client. Prints a table and writes bench/results/generate_throughput.json.
+(LoRA r=8 on q,v) and answers real Alpaca instructions greedily; the rate counts the tokens actually generated.
+Server: 1, 4, 8 and 16 clients at once, each streaming the same number of tokens through the OpenAI client: batched,
+one request at a time, and batched with two adapters of the base served together (the clients alternate between
+them). Prints a table and writes bench/results/generate_throughput.json.
 """
 
 import argparse
@@ -25,23 +27,27 @@ MODELS = {"demo": dict(hidden_size=128, intermediate_size=352, num_hidden_layers
           "llama-200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16)}
 
 
-def build(name: str, shape: dict) -> Path:
-    """Base model + a randomly initialised adapter folder (lora_B non-zero, so it has an effect)."""
+def build(name: str, shape: dict) -> tuple[Path, Path]:
+    """Base model + two randomly initialised adapter folders (lora_B non-zero, so they have an effect)."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alpaca_lora.bench import random_llama
 
     folder = RESULTS / f"generate-{name}"
-    if (folder / "adapter" / "adapter_config.json").exists():
-        return folder / "adapter"
+    adapters = (folder / "adapter", folder / "adapter-b")
+    if all((adapter / "adapter_config.json").exists() for adapter in adapters):
+        return adapters
     tokenizer_model = None if name == "demo" else SHARED / "models" / "llama-tokenizer" / "tokenizer.model"
     base = random_llama(folder / "base", shape, tokenizer_model)
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                             LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    adapter.save_pretrained(folder / "adapter")  # records base's path as base_model_name_or_path
-    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "adapter")
-    return folder / "adapter"
+    for seed, adapter in enumerate(adapters):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(adapter)  # records base's path as base_model_name_or_path
+        AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
+    return adapters
 
 
 def instructions(count: int) -> list[str]:
@@ -51,11 +57,11 @@ def instructions(count: int) -> list[str]:
     return [r["instruction"] for r in rows[:count]]
 
 
-def measure(adapter: Path, new_tokens: int, batch_sizes: list[int]) -> dict:
+def measure(adapters: tuple[Path, Path], new_tokens: int, batch_sizes: list[int]) -> dict:
     from alpaca_lora.generate import Generator, Sampling
     from alpaca_lora.server import Server
 
-    generator = Generator(lora_weights=str(adapter), device="cpu")
+    generator = Generator(lora_weights=str(adapters[0]), device="cpu")
     parameters = sum(p.numel() for p in generator.model.parameters())
     sampling = Sampling(temperature=0.0, max_new_tokens=new_tokens)  # random weights rarely hit EOS: ~full length
     texts = [generator.template.prompt(i) for i in instructions(max(batch_sizes) * 2)]  # Alpaca prompts, as text
@@ -78,15 +84,26 @@ def measure(adapter: Path, new_tokens: int, batch_sizes: list[int]) -> dict:
                   f"new tokens/s, first token median {measured['ttft_median_s']:.2f} s, p95 {measured['ttft_p95_s']:.2f} s",
                   flush=True)
         server.stop()
+    del generator
+    mixed = Generator(lora_weights=f"a={adapters[0]},b={adapters[1]}", device="cpu")
+    server = Server(mixed, "127.0.0.1", 0, default_sampling=sampling, max_batch=8, max_queue=64).start()
+    for clients in CLIENTS:
+        measured = streaming_clients(server.port, texts, clients, new_tokens, models=("a", "b"))
+        result["server"][f"two adapters, {clients} clients"] = measured
+        print(f"  server (two adapters mixed), {clients} streaming clients: {measured['tokens_per_second']:.1f} "
+              f"new tokens/s, first token median {measured['ttft_median_s']:.2f} s, p95 {measured['ttft_p95_s']:.2f} s",
+              flush=True)
+    server.stop()
     return result
 
 
 CLIENTS = (1, 4, 8, 16)
 
 
-def streaming_clients(port: int, prompts: list[str], clients: int, new_tokens: int) -> dict:
-    """`clients` clients at once, each streaming one greedy answer to its own prompt: the tokens all of them
-    received per second of the whole run, and each one's time to its first token."""
+def streaming_clients(port: int, prompts: list[str], clients: int, new_tokens: int, models=("x",)) -> dict:
+    """`clients` clients at once, each streaming one greedy answer to its own prompt (client i asks the model
+    models[i % len(models)]): the tokens all of them received per second of the whole run, and each one's time to
+    its first token."""
     import statistics
 
     import openai
@@ -102,7 +119,7 @@ def streaming_clients(port: int, prompts: list[str], clients: int, new_tokens: i
 
     def answer(i):
         sent = time.perf_counter()
-        for chunk in client.completions.create(model="x", prompt=prompts[i % len(prompts)], temperature=0,
+        for chunk in client.completions.create(model=models[i % len(models)], prompt=prompts[i % len(prompts)], temperature=0,
                                                max_tokens=new_tokens, stream=True,
                                                stream_options={"include_usage": True}):
             if not first[i] and chunk.choices and chunk.choices[0].text:
@@ -147,6 +164,7 @@ if __name__ == "__main__":
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in report["models"].items():
         for setting, m in r["server"].items():
-            server = "one at a time" if setting.startswith("max_batch 1,") else "batched (max_batch 8)"
+            server = ("one at a time" if setting.startswith("max_batch 1,") else
+                      "two adapters, batched" if setting.startswith("two adapters") else "batched (max_batch 8)")
             print(f"| {name} | {server} | {m['clients']} | {m['tokens_per_second']:.1f} | {m['ttft_median_s']:.2f} | "
                   f"{m['ttft_p95_s']:.2f} |")

@@ -115,6 +115,21 @@ def tiny_adapter(tiny_base, alpaca_rows, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_tiny_adapter(tiny_base, alpaca_rows, tmp_path_factory) -> Path:
+    """Another adapter of the tiny base, like tiny_adapter but trained on the rows backwards at another rate."""
+    from alpaca_lora.config import TrainConfig
+    from alpaca_lora.train import train
+
+    folder = tmp_path_factory.mktemp("second-adapter")
+    data = folder / "rows.json"
+    data.write_text(json.dumps(alpaca_rows[::-1]))
+    train(TrainConfig(base_model=str(tiny_base), data_path=str(data), output_dir=str(folder / "adapter"), batch_size=8,
+                      micro_batch_size=4, max_steps=2, val_set_size=0, cutoff_len=512, learning_rate=1e-1,
+                      warmup_steps=0, bf16=False, tokenized_cache_dir="", seed=1))
+    return folder / "adapter"
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_adapter(tiny_base, tmp_path_factory) -> Path:
     """A LoRA adapter trained for 2 steps on multi-turn conversations under the mistral chat template (the tiny
     base's vocabulary is LLaMA-style: [INST] is text, </s> ends a turn)."""

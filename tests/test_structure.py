@@ -49,6 +49,7 @@ def test_imports_flow_one_way():
         "loss": {"batching", "evaluation", "train"}, "evaluation": {"train"}, "config": {"train", "model"},
         "generate": {"server", "openai_schema", "generate_cli", "train", "batcher"}, "server": {"generate_cli"},
         "batcher": {"server", "openai_schema", "generate_cli"},
+        "mixed_adapters": {"generate", "batcher", "server", "model", "adapter_folder"},
         "openai_schema": {"server", "generate_cli"},
         "llama_layout": {"export", "gguf_export"}, "gguf_export": {"export"},
         "gguf_vocabulary": {"export", "gguf_export"}, "llama_cpp_checks": {"export", "gguf_export"}, "adapter_folder": {"train", "generate"},
