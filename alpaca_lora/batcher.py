@@ -119,7 +119,8 @@ class Batcher:
             yield Answer(text=shown.text[:shown.sent].strip(), prompt_tokens=len(prompt),
                          completion_tokens=len(answer_tokens), finish_reason="stop" if ends or shown.found else "length",
                          token_ids=(tokens_covering(tokenizer, answer_tokens, shown.sent) if shown.found
-                                    else answer_tokens))
+                                    else answer_tokens),
+                         end_token=tokens[ends[0]] if ends and not shown.found else None)
         finally:
             self.adapter_of.pop(request_id, None)
             if not done:  # a client gone, or a stop string: free the slot at the next step

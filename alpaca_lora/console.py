@@ -161,10 +161,13 @@ def _quiet(function):
 
 def evaluate() -> None:
     from .evaluate import JudgeConfig, answer_eval_file, heldout_loss, judge
+    from .harness import HarnessConfig, run_harness
 
     _fire("evaluate.py", {
         "loss": _quiet(heldout_loss),
         "answer": _quiet(answer_eval_file),
         "judge": _fire_command(JudgeConfig, judge, "Blind pairwise comparison of our answers against reference "
                                                    "answers, by a judge model or by you."),
+        "harness": _fire_command(HarnessConfig, run_harness, "lm-evaluation-harness tasks on base + adapter, "
+                                                             "in-process; the scores go into the model card."),
     })

@@ -68,6 +68,7 @@ class Answer:
     completion_tokens: int
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
     token_ids: list[int] = field(default_factory=list)  # the tokens of `text` (through the one a stop string cut)
+    end_token: int | None = None  # the end-of-turn or EOS token that ended it (not in text or token_ids)
 
 
 class Generator:
@@ -171,6 +172,7 @@ class Generator:
             new = output[row, width:].tolist()
             ends = [i for i, token in enumerate(new) if token in self.stop_ids]
             stopped = bool(ends)
+            end_token = new[ends[0]] if stopped else None
             if stopped:
                 new = new[:ends[0]]
             while new and new[-1] == pad:
@@ -179,7 +181,8 @@ class Generator:
             text, cut = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), stop)
             answers.append(Answer(text=text.strip(), prompt_tokens=len(prompt_ids), completion_tokens=len(new),
                                   finish_reason="stop" if stopped or cut else "length",
-                                  token_ids=tokens_covering(self.tokenizer, new, len(text)) if cut else new))
+                                  token_ids=tokens_covering(self.tokenizer, new, len(text)) if cut else new,
+                                  end_token=None if cut else end_token))
         return answers
 
     def token_logprobs(self, ids: list[int], start: int, top: int = 0,

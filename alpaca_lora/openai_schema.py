@@ -17,6 +17,7 @@ from .generate import Generator, Sampling
 MAX_BODY_BYTES = 1 << 20
 BODY_SECONDS = 30  # the most a client may take to send its body
 MAX_CHOICES = 8  # the most answers (n) one request may ask for
+MAX_PROMPTS = 64  # the most answers (prompts times n) one completion request may ask for
 Number = StrictFloat | StrictInt
 
 
@@ -63,7 +64,8 @@ class ChatRequest(_Sampled):
 
 
 class CompletionRequest(_Sampled):
-    prompt: StrictStr | list[StrictStr]
+    # a text, a list of token ids, or a list of either (several prompts)
+    prompt: StrictStr | list[StrictInt] | list[StrictStr | list[StrictInt]]
     logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
     echo: StrictBool = False
 
@@ -156,13 +158,26 @@ def chat_prompt(generator: Generator, request: ChatRequest) -> list[int]:
         raise RequestError(400, str(error), "messages") from None
 
 
-def completion_prompt(request: CompletionRequest) -> str:
+def completion_prompts(generator: Generator, request: CompletionRequest) -> list[tuple[list[int], str]]:
+    """Each prompt of a completion request as (token ids, its text): a text is laid out as training lays out text
+    (BOS once, generator.text_ids); token ids are used as they are (as evaluation tools send them, already laid out
+    by the model's tokenizer), and their text is their decoding."""
     prompt = request.prompt
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
-    return prompt
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not prompts or len(prompts) * request.n > MAX_PROMPTS:
+        raise RequestError(400, f"'prompt' must hold 1 to {MAX_PROMPTS} prompts (times n)", "prompt")
+    laid_out, vocabulary = [], len(generator.tokenizer)
+    for one in prompts:
+        if not one:
+            raise RequestError(400, "'prompt' must be a non-empty string or list of token ids", "prompt")
+        if isinstance(one, str):
+            laid_out.append((generator.text_ids(one), one))
+            continue
+        if not all(0 <= token < vocabulary for token in one):
+            raise RequestError(400, f"'prompt' holds a token id outside the vocabulary (0 to {vocabulary - 1})",
+                               "prompt")
+        laid_out.append((list(one), generator.tokenizer.decode(one)))
+    return laid_out
 
 
 def scores_only(request) -> bool:
@@ -193,9 +208,10 @@ def sampling_of(request: _Sampled, defaults: Sampling, max_tokens_cap: int) -> t
     return sampling, stop
 
 
-def usage_of(answers: list) -> dict:
-    """Token counts of a request's answers (n of them share one prompt, counted once)."""
-    usage = {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": sum(a.completion_tokens for a in answers)}
+def usage_of(answers: list, n: int = 1) -> dict:
+    """Token counts of a request's answers (each prompt's n answers follow each other and share it: counted once)."""
+    usage = {"prompt_tokens": sum(a.prompt_tokens for a in answers[::n]),
+             "completion_tokens": sum(a.completion_tokens for a in answers)}
     return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
 
@@ -234,16 +250,19 @@ def _pieces(tokenizer, before: list[int], candidates: list[int]) -> list[dict]:
     return [{"token": text, "bytes": list(text.encode("utf-8"))} for text in texts]
 
 
-def completion_body(model_name: str, answers: list, chat: bool, logprobs: list | None = None, echo: str = "") -> dict:
-    """The JSON of a whole answer: one choice per answer (n), usage counting the prompt once."""
+def completion_body(model_name: str, answers: list, chat: bool, logprobs: list | None = None, n: int = 1,
+                    echoes: list[str] | None = None) -> dict:
+    """The JSON of whole answers: one choice per answer (n per prompt, prompt by prompt), each completion's text after
+    its echoed prompt if asked; usage counting each prompt once."""
     logprobs = logprobs or [None] * len(answers)
-    usage = usage_of(answers)
+    echoes = echoes or [""] * len(answers)
+    usage = usage_of(answers, n)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": answer.text},
                     "finish_reason": answer.finish_reason, "logprobs": logprobs[i]} for i, answer in enumerate(answers)]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "choices": choices, "usage": usage}
-    choices = [{"index": i, "text": echo + answer.text, "finish_reason": answer.finish_reason, "logprobs": logprobs[i]}
+    choices = [{"index": i, "text": echoes[i] + answer.text, "finish_reason": answer.finish_reason, "logprobs": logprobs[i]}
                for i, answer in enumerate(answers)]
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": model_name, "choices": choices, "usage": usage}

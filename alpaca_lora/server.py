@@ -26,7 +26,7 @@ from pathlib import Path
 from .batcher import Batcher
 from .generate import Answer, Generator, Sampling
 from .openai_schema import (RequestError, chat_logprobs, chat_prompt, completion_body, completion_logprobs,
-                            completion_prompt, logprobs_asked, parse_request, read_json_body, sampling_of, scores_only,
+                            completion_prompts, logprobs_asked, parse_request, read_json_body, sampling_of, scores_only,
                             usage_of)
 
 PAGE = Path(__file__).resolve().parent / "page.html"
@@ -68,47 +68,54 @@ def make_app(generator: Generator, api_key: str = "", max_tokens_cap: int = 1024
         chat = request.url.path == "/v1/chat/completions"
         parsed = parse_request(await read_json_body(request), chat)
         model = _served_model(generator, parsed.model)
-        prompt = chat_prompt(generator, parsed) if chat else generator.text_ids(completion_prompt(parsed))
+        # (token ids, the text an echo repeats) of each prompt: a chat has one, a completion request one or more
+        prompts = [(chat_prompt(generator, parsed), "")] if chat else completion_prompts(generator, parsed)
         with_logprobs, top = logprobs_asked(parsed)
-        if scores_only(parsed):  # the prompt's log-probabilities, nothing generated
-            answer = Answer("", len(prompt), 0, "length")
-            return JSONResponse(completion_body(model, [answer], chat, [await _logprobs(
-                generator, model, prompt, answer, chat, top, echo=True)], echo=completion_prompt(parsed)))
+        if scores_only(parsed):  # the prompts' log-probabilities, nothing generated
+            answers = [Answer("", len(ids), 0, "length") for ids, _ in prompts]
+            return JSONResponse(completion_body(model, answers, chat, [
+                await _logprobs(generator, model, ids, answer, chat, top, echo=True)
+                for (ids, _), answer in zip(prompts, answers)], echoes=[text for _, text in prompts]))
         sampling, stop = sampling_of(parsed, defaults, max_tokens_cap)
-        prompt_tokens = len(prompt)
-        if prompt_tokens + sampling.max_new_tokens > generator.context_length:
-            raise RequestError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({sampling.max_new_tokens}) "
-                                    f"exceeds the model's context of {generator.context_length} tokens",
-                               "messages" if chat else "prompt")
+        for ids, _ in prompts:
+            if len(ids) + sampling.max_new_tokens > generator.context_length:
+                raise RequestError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "
+                                        f"exceeds the model's context of {generator.context_length} tokens",
+                                   "messages" if chat else "prompt")
         if parsed.stream and sampling.num_beams > 1:
             raise RequestError(400, "num_beams > 1 cannot stream: beam search settles the text only at the end; "
                                     "send stream: false", "num_beams")
+        if parsed.stream and len(prompts) > 1:
+            raise RequestError(400, "several prompts are answered with whole answers only: send stream: false",
+                               "prompt")
         if busy["requests"] >= capacity:
             raise RequestError(429, f"the server is busy ({busy['requests']} requests in hand, {max_queue} of them "
                                     "may wait); retry later", kind="rate_limit_error")
         stop_event = threading.Event()
         batched = batcher is not None and batcher.takes(sampling, parsed.seed)
         if parsed.stream:  # counted while its events are produced (a client gone before the first one costs nothing)
+            [(prompt, _)] = prompts
             pieces = (batcher.stream(prompt, sampling, stop, model) if batched else
                       iterate_in_threadpool(generator.stream(prompt, sampling, parsed.seed, stop_event, stop, model)))
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(_events(pieces, stop_event, busy, model, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        each = [(ids, text) for ids, text in prompts for _ in range(parsed.n)]  # n answers to each prompt, in order
         busy["requests"] += 1
         try:
-            if batched:  # n answers share the batch
-                answers = await _last_unless_abandoned(request, [batcher.stream(prompt, sampling, stop, model)
-                                                                 for _ in range(parsed.n)])
-            else:  # n rows of one generate() call
-                answers = await _answer_unless_abandoned(request, generator, model, [prompt] * parsed.n, sampling,
-                                                         parsed.seed, stop_event, stop)
+            if batched:  # every answer joins the batch
+                answers = await _last_unless_abandoned(request, [batcher.stream(ids, sampling, stop, model)
+                                                                 for ids, _ in each])
+            else:  # rows of one generate() call
+                answers = await _answer_unless_abandoned(request, generator, model, [ids for ids, _ in each],
+                                                         sampling, parsed.seed, stop_event, stop)
         finally:
             busy["requests"] -= 1
         echo = not chat and parsed.echo
-        logprobs = [await _logprobs(generator, model, prompt, answer, chat, top, echo) for answer in answers] \
-            if with_logprobs else None
-        return JSONResponse(completion_body(model, answers, chat, logprobs,
-                                            echo=completion_prompt(parsed) if echo else ""))
+        logprobs = [await _logprobs(generator, model, ids, answer, chat, top, echo)
+                    for (ids, _), answer in zip(each, answers)] if with_logprobs else None
+        return JSONResponse(completion_body(model, answers, chat, logprobs, parsed.n,
+                                            echoes=[text for _, text in each] if echo else None))
 
     def handled(endpoint):
         async def run(request):
@@ -176,9 +183,10 @@ async def _answer_unless_abandoned(request, generator, model, prompts, sampling,
 
 
 async def _logprobs(generator, model: str, prompt: list[int], answer, chat: bool, top: int, echo: bool) -> dict:
-    """The log-probabilities of the answer's tokens (and with `echo`, of the prompt's but the first), computed by one
-    forward pass over prompt + answer (so they are the model's own, whatever sampled the answer)."""
-    ids = prompt + answer.token_ids
+    """The log-probabilities of the answer's tokens (and with `echo`, of the prompt's but the first, and of the token
+    that ended the answer, as vLLM gives them: lm-evaluation-harness takes the last item for the one generated token),
+    computed by one forward pass over prompt + answer (so they are the model's own, whatever sampled the answer)."""
+    ids = prompt + answer.token_ids + ([answer.end_token] if echo and answer.end_token is not None else [])
     start = 1 if echo else len(prompt)
     scored = await asyncio.to_thread(generator.token_logprobs, ids, start, top, model) if len(ids) > start else []
     if chat:

@@ -277,7 +277,7 @@ def slow_generator(generator, monkeypatch):
 
     events = []
 
-    def answer(prompts, sampling, seed=None, streamer=None, stop_event=None, stop=()):
+    def answer(prompts, sampling, seed=None, streamer=None, stop_event=None, stop=(), model_name=None):
         events.append(stop_event)
         stop_event.wait(10)
         return [Answer("late", 1, 1, "stop")]
@@ -359,11 +359,11 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client, monkeypa
     cancelled = []
     real_cancel = batcher_module.Batcher.stream
 
-    async def spying_stream(self, prompt, sampling, stop=()):
+    async def spying_stream(self, prompt, sampling, stop=(), model_name=None):
         manager_cancel = self.manager.cancel_request
         self.manager.cancel_request = lambda request_id: (cancelled.append(request_id), manager_cancel(request_id))
         try:
-            async for item in real_cancel(self, prompt, sampling, stop):
+            async for item in real_cancel(self, prompt, sampling, stop, model_name):
                 yield item
         finally:
             self.manager.cancel_request = manager_cancel
@@ -374,7 +374,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client, monkeypa
         connection.sendall(_post("/v1/chat/completions", body))
         received = b""
         while b"data:" not in received:
-            received += connection.recv(4096)
+            chunk = connection.recv(4096)
+            assert chunk, f"the server closed the connection before any event: {received!r}"
+            received += chunk
     deadline = time.time() + 10
     while not cancelled and time.time() < deadline:
         time.sleep(0.05)
@@ -408,11 +410,11 @@ def test_a_body_that_never_comes_gets_408(server, monkeypatch):
 def test_an_error_mid_stream_is_an_error_event_then_done(server, generator, monkeypatch, batched):
     from alpaca_lora.batcher import Batcher
 
-    def failing_stream(prompt, sampling, seed=None, stop_event=None, stop=()):
+    def failing_stream(prompt, sampling, seed=None, stop_event=None, stop=(), model_name=None):
         yield "Once"
         raise RuntimeError("the GPU fell over")
 
-    async def failing_batched_stream(self, prompt, sampling, stop=()):
+    async def failing_batched_stream(self, prompt, sampling, stop=(), model_name=None):
         yield "Once"
         raise RuntimeError("the GPU fell over")
     monkeypatch.setattr(generator, "stream", failing_stream)
@@ -521,6 +523,44 @@ def test_a_prompt_is_scored_with_echo_and_no_new_tokens(client, generator):
     more = client.completions.create(model="x", prompt=text, max_tokens=2, temperature=0, echo=True, logprobs=1)
     assert more.choices[0].logprobs.token_logprobs[:len(ids)] == pytest.approx(logprobs.token_logprobs, abs=1e-6)
     assert len(more.choices[0].logprobs.tokens) == len(ids) + 2
+
+
+def test_prompts_as_token_ids_and_several_at_once(client, generator):
+    """Token ids are used as they are (no BOS put in front); several prompts get n answers each, prompt by prompt."""
+    sampling = Sampling(temperature=0, max_new_tokens=6)
+    ids = generator.text_ids("Once upon a time")[1:]  # without its BOS: as a tool may send them
+    reply = client.completions.create(model="x", prompt=ids, temperature=0, max_tokens=6, echo=True)
+    expected = generator.answer([ids], sampling)[0]
+    assert reply.choices[0].text == generator.tokenizer.decode(ids) + expected.text
+    assert reply.usage.prompt_tokens == len(ids)
+    texts = ["Once upon a time", "The sea is"]
+    both = client.completions.create(model="x", prompt=texts, temperature=0, max_tokens=6, n=2)
+    answers = [generator.answer([generator.text_ids(text)], sampling)[0].text for text in texts]
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == [answers[0]] * 2 + [answers[1]] * 2
+    assert both.usage.prompt_tokens == sum(len(generator.text_ids(text)) for text in texts)
+    with pytest.raises(openai.BadRequestError, match="a token id outside the vocabulary"):
+        client.completions.create(model="x", prompt=[1, len(generator.tokenizer)], max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="several prompts are answered with whole answers only"):
+        client.completions.create(model="x", prompt=texts, max_tokens=1, stream=True)
+
+
+def test_echo_scores_the_token_that_ended_the_answer(generator):
+    """lm-evaluation-harness reads echo + max_tokens 1 as prompt, then one generated token: an answer ended by its
+    end token at once has that token scored (as vLLM does), or the harness would take a prompt token for it."""
+    import asyncio
+
+    from alpaca_lora.generate import Answer
+    from alpaca_lora.server import _logprobs
+
+    ids, end = generator.text_ids("Say hi."), generator.stop_ids[0]
+    ended = Answer("", len(ids), 0, "stop", token_ids=[], end_token=end)
+    echoed = asyncio.run(_logprobs(generator, generator.name, ids, ended, chat=False, top=0, echo=True))
+    direct = [logprob for _, logprob, _ in generator.token_logprobs(ids + [end], 1)]
+    assert len(echoed["token_logprobs"]) == len(ids) + 1
+    assert echoed["token_logprobs"][1:] == pytest.approx(direct, abs=1e-6)
+    # without echo, an answer's log-probabilities are its text's tokens only, as OpenAI's
+    assert asyncio.run(_logprobs(generator, generator.name, ids, ended, chat=False, top=0, echo=False))[
+        "token_logprobs"] == []
 
 
 @pytest.mark.parametrize("body, param", [
