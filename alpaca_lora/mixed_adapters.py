@@ -71,14 +71,17 @@ class AdapterRouting:
         tokens = leading.numel()
         if not isinstance(names, str) and len(names) != tokens:
             raise RuntimeError(f"adapter routing: {len(names)} adapter names for {tokens} tokens")
+        if isinstance(names, str) or len(set(names)) == 1:  # one adapter throughout: by rows, as they are
+            self._local.shapes.append(None)
+            return args, {**kwargs, "adapter_names": [names if isinstance(names, str) else names[0]] * len(x)}
         self._local.shapes.append(leading)
-        return (x.reshape(tokens, 1, *x.shape[len(leading):]), *rest), {
-            **kwargs, "adapter_names": [names] * tokens if isinstance(names, str) else names}
+        return (x.reshape(tokens, 1, *x.shape[len(leading):]), *rest), {**kwargs, "adapter_names": names}
 
     def _after(self, module, args, output):
         if getattr(self._local, "names", None) is None:
             return None
-        return output.reshape(*self._local.shapes.pop(), output.shape[-1])
+        leading = self._local.shapes.pop()
+        return None if leading is None else output.reshape(*leading, output.shape[-1])
 
 
 def check_servable_together(adapters: dict) -> None:

@@ -77,6 +77,7 @@ def measure(adapters: tuple[Path, Path], new_tokens: int, batch_sizes: list[int]
     result["server"] = {}
     for max_batch in (8, 1):  # continuous batching (the default), and one request at a time as before it
         server = Server(generator, "127.0.0.1", 0, default_sampling=sampling, max_batch=max_batch, max_queue=64).start()
+        streaming_clients(server.port, texts, 2, 4)  # warm-up: the batch's first steps build their kernels
         for clients in CLIENTS:
             measured = streaming_clients(server.port, texts, clients, new_tokens)
             result["server"][f"max_batch {max_batch}, {clients} clients"] = measured
@@ -87,6 +88,7 @@ def measure(adapters: tuple[Path, Path], new_tokens: int, batch_sizes: list[int]
     del generator
     mixed = Generator(lora_weights=f"a={adapters[0]},b={adapters[1]}", device="cpu")
     server = Server(mixed, "127.0.0.1", 0, default_sampling=sampling, max_batch=8, max_queue=64).start()
+    streaming_clients(server.port, texts, 2, 4, models=("a", "b"))  # warm-up, as above
     for clients in CLIENTS:
         measured = streaming_clients(server.port, texts, clients, new_tokens, models=("a", "b"))
         result["server"][f"two adapters, {clients} clients"] = measured
