@@ -89,8 +89,9 @@ def worker(args) -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
     config = TrainConfig(
-        base_model=args.base, data_path=args.data, output_dir=args.output_dir, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch, num_epochs=1, max_steps=args.steps, cutoff_len=args.cutoff,
+        base_model=args.base, data_path=args.data, output_dir=args.output_dir, overwrite_output_dir=True,  # scratch
+        batch_size=args.batch_size, micro_batch_size=args.micro_batch, num_epochs=1, max_steps=args.steps,
+        cutoff_len=args.cutoff,
         val_set_size=args.val_rows,
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
         save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",

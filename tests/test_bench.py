@@ -50,3 +50,22 @@ def test_best_settings_pick_each_paths_fastest_row_and_bound_the_speedup():
     # decoder 4 x 25,296,896 parameters + attention 4 x 2,457,600, head 4 x 512 x 32,000 at half the tokens
     useful = 4 * 25_296_896 + 4 * 2_457_600 + 0.5 * 4 * 512 * 32_000
     assert best["speedup_ceiling"] == pytest.approx(400e9 / useful / 1000)  # 2.78x: the bf16 peak, all useful work
+
+
+def test_trl_trains_the_same_examples_as_ours(tiny_base, alpaca_file, tmp_path):
+    """modern_shapes.py's TRL path gets ours' tokenized examples: on the tiny base, after the same 2 steps (whose
+    updates are too small to move a random model's held-out loss), both report the same held-out loss per target
+    token (a different split, or loss on the prompt too, would not agree to 1e-5)."""
+    pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.[bench]'")
+    common = ["--base", tiny_base, "--data", alpaca_file, "--steps", "2", "--batch_size", "8", "--val_rows", "8",
+              "--cutoff", "256", "--micro_batch", "4", "--dtype", "fp32"]
+    results = {}
+    for path, script, extra in (("trl", "modern_shapes.py", []),
+                                ("ours", "train_throughput.py", ["--path", "ours", "--lora", "qv-r8",
+                                                                 "--checkpointing", "off"])):
+        completed = run_script(REPO / "bench" / script, "--worker", *extra, *common, "--output_dir", tmp_path / path)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        results[path] = json.loads(next(l for l in completed.stdout.splitlines()
+                                        if l.startswith("RESULT "))[len("RESULT "):])
+    assert results["trl"]["eval_loss"] == pytest.approx(results["ours"]["eval_loss"], rel=1e-5)
+    assert len(results["trl"]["train_losses"]) == 2 and results["trl"]["real_tokens_per_second"] > 0
