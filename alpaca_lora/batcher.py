@@ -50,7 +50,7 @@ class Batcher:
             generation_config=config, continuous_batching_config=ContinuousBatchingConfig(
                 page_size=PAGE_TOKENS, num_blocks=pages, max_requests_per_batch=max_batch, per_request_processors=True,
                 **mixed))
-        self.adapter_of = {}  # request id -> the peft adapter it is answered through
+        self.adapter_of_request = {}  # request id -> the peft adapter it is answered through
         # (one batcher per generator: the hooks read this batcher's batch, until close() removes them)
         self.hooks = [inner.register_forward_pre_hook(self._route_tokens, with_kwargs=True),
                       inner.register_forward_hook(lambda *_: generator.routing.route(None))] if generator.routing else []
@@ -73,7 +73,7 @@ class Batcher:
         # the requests of the step being computed, in the order their tokens are laid out
         requests = self.manager.batch_processor.inputs_and_outputs.requests_in_batch
         names = [name for future in requests
-                 for name in [self.adapter_of.get(future.state.request_id, BASE)] * future.query_length]
+                 for name in [self.adapter_of_request.get(future.state.request_id, BASE)] * future.query_length]
         if len(names) != int(kwargs["cu_seq_lens_q"][len(requests)]):
             raise RuntimeError(f"adapter routing: the batch's {len(requests)} requests hold {len(names)} tokens, its "
                                f"forward pass {int(kwargs['cu_seq_lens_q'][len(requests)])}")
@@ -88,7 +88,7 @@ class Batcher:
         tokenizer, stop_ids = self.generator.tokenizer, self.generator.stop_ids
         outputs = asyncio.Queue()
         request_id = f"request-{uuid.uuid4().hex}"
-        self.adapter_of[request_id] = self.generator.adapter_of(model_name)
+        self.adapter_of_request[request_id] = self.generator.adapter_of(model_name)
         self.manager.register_result_handler(request_id, outputs.put_nowait)  # before it can produce anything
         self.manager.add_request(prompt, request_id=request_id, max_new_tokens=sampling.max_new_tokens,
                                  streaming=True, **self._sampling_kwargs(sampling))
@@ -122,7 +122,7 @@ class Batcher:
                                     else answer_tokens),
                          end_token=tokens[ends[0]] if ends and not shown.found else None)
         finally:
-            self.adapter_of.pop(request_id, None)
+            self.adapter_of_request.pop(request_id, None)
             if not done:  # a client gone, or a stop string: free the slot at the next step
                 self.manager.cancel_request(request_id)
                 # transformers drops a handler when its request finishes, which a cancelled one may never do

@@ -50,6 +50,8 @@ class AdapterRouting:
     def route(self, names: str | list[str] | None) -> None:
         """From now on, run this thread's forward passes through one adapter (a name), or one per token (a list as
         long as the tokens of the one row a continuous batch passes); None: as peft would."""
+        if isinstance(names, list) and len(set(names)) == 1:  # one adapter throughout: by rows, as they are
+            names = names[0]
         self._local.names, self._local.shapes = names, []
 
     @contextmanager
@@ -69,11 +71,11 @@ class AdapterRouting:
         # a linear layer's input ends with its features; an embedding's is token ids only
         leading = x.shape[:-1] if x.is_floating_point() else x.shape
         tokens = leading.numel()
-        if not isinstance(names, str) and len(names) != tokens:
-            raise RuntimeError(f"adapter routing: {len(names)} adapter names for {tokens} tokens")
-        if isinstance(names, str) or len(set(names)) == 1:  # one adapter throughout: by rows, as they are
+        if isinstance(names, str):  # one adapter for every row: peft's batch form, unsplit
             self._local.shapes.append(None)
-            return args, {**kwargs, "adapter_names": [names if isinstance(names, str) else names[0]] * len(x)}
+            return args, {**kwargs, "adapter_names": [names] * len(x)}
+        if len(names) != tokens:
+            raise RuntimeError(f"adapter routing: {len(names)} adapter names for {tokens} tokens")
         self._local.shapes.append(leading)
         return (x.reshape(tokens, 1, *x.shape[len(leading):]), *rest), {**kwargs, "adapter_names": names}
 

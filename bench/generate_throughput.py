@@ -59,7 +59,6 @@ def instructions(count: int) -> list[str]:
 
 def measure(adapters: tuple[Path, Path], new_tokens: int, batch_sizes: list[int]) -> dict:
     from alpaca_lora.generate import Generator, Sampling
-    from alpaca_lora.server import Server
 
     generator = Generator(lora_weights=str(adapters[0]), device="cpu")
     parameters = sum(p.numel() for p in generator.model.parameters())
@@ -74,32 +73,33 @@ def measure(adapters: tuple[Path, Path], new_tokens: int, batch_sizes: list[int]
         seconds = time.perf_counter() - started
         result["batches"][batch_size] = sum(a.completion_tokens for a in answers) / seconds
         print(f"  batch {batch_size}: {result['batches'][batch_size]:.1f} new tokens/s", flush=True)
-    result["server"] = {}
-    for max_batch in (8, 1):  # continuous batching (the default), and one request at a time as before it
-        server = Server(generator, "127.0.0.1", 0, default_sampling=sampling, max_batch=max_batch, max_queue=64).start()
-        streaming_clients(server.port, texts, 2, 4)  # warm-up: the batch's first steps build their kernels
-        for clients in CLIENTS:
-            measured = streaming_clients(server.port, texts, clients, new_tokens)
-            result["server"][f"max_batch {max_batch}, {clients} clients"] = measured
-            print(f"  server (max_batch {max_batch}), {clients} streaming clients: {measured['tokens_per_second']:.1f} "
-                  f"new tokens/s, first token median {measured['ttft_median_s']:.2f} s, p95 {measured['ttft_p95_s']:.2f} s",
-                  flush=True)
-        server.stop()
+    # continuous batching (the default), one request at a time as before it, and two adapters mixed in every batch
+    result["server"] = {**serve_clients(generator, sampling, texts, new_tokens, 8, "max_batch 8"),
+                        **serve_clients(generator, sampling, texts, new_tokens, 1, "max_batch 1")}
     del generator
     mixed = Generator(lora_weights=f"a={adapters[0]},b={adapters[1]}", device="cpu")
-    server = Server(mixed, "127.0.0.1", 0, default_sampling=sampling, max_batch=8, max_queue=64).start()
-    streaming_clients(server.port, texts, 2, 4, models=("a", "b"))  # warm-up, as above
-    for clients in CLIENTS:
-        measured = streaming_clients(server.port, texts, clients, new_tokens, models=("a", "b"))
-        result["server"][f"two adapters, {clients} clients"] = measured
-        print(f"  server (two adapters mixed), {clients} streaming clients: {measured['tokens_per_second']:.1f} "
-              f"new tokens/s, first token median {measured['ttft_median_s']:.2f} s, p95 {measured['ttft_p95_s']:.2f} s",
-              flush=True)
-    server.stop()
+    result["server"].update(serve_clients(mixed, sampling, texts, new_tokens, 8, "two adapters", models=("a", "b")))
     return result
 
 
 CLIENTS = (1, 4, 8, 16)
+
+
+def serve_clients(generator, sampling, texts: list[str], new_tokens: int, max_batch: int, label: str,
+                  models=("x",)) -> dict:
+    """The server on `generator` under 1, 4, 8 and 16 streaming clients (after a warm-up: the batch's first steps
+    build their kernels): "<label>, <n> clients" -> streaming_clients' measurements."""
+    from alpaca_lora.server import Server
+
+    server = Server(generator, "127.0.0.1", 0, default_sampling=sampling, max_batch=max_batch, max_queue=64).start()
+    streaming_clients(server.port, texts, 2, 4, models)
+    measured = {}
+    for clients in CLIENTS:
+        m = measured[f"{label}, {clients} clients"] = streaming_clients(server.port, texts, clients, new_tokens, models)
+        print(f"  server ({label}), {clients} streaming clients: {m['tokens_per_second']:.1f} new tokens/s, first "
+              f"token median {m['ttft_median_s']:.2f} s, p95 {m['ttft_p95_s']:.2f} s", flush=True)
+    server.stop()
+    return measured
 
 
 def streaming_clients(port: int, prompts: list[str], clients: int, new_tokens: int, models=("x",)) -> dict:
