@@ -1,6 +1,6 @@
 """Training throughput on modern shapes (small models, large vocabularies): ours, the standard path and TRL's SFTTrainer.
 
-    python bench/modern_shapes.py [--shapes qwen3-0.6b,gemma3-270m,llama3.2-1b] [--steps 6] [--repeats 1]
+    python bench/modern_shapes.py [--shapes qwen3-0.6b,gemma3-270m,llama3.2-1b] [--steps 4] [--repeats 2]
 
 Shapes, random weights, real vocabularies (llama.cpp's vocabulary files in ../shared/models/vocab):
   gemma3-270m   hidden 640, 18 layers, 4 heads, 1 KV head, head_dim 256, MLP 2048, 262,144-row tied embedding.
@@ -8,15 +8,24 @@ Shapes, random weights, real vocabularies (llama.cpp's vocabulary files in ../sh
   qwen3-0.6b    hidden 1024, 16 heads, 8 KV heads, head_dim 128, MLP 3072, 151,936 vocabulary (Qwen2's), tied;
                 8 of its 28 layers (a CPU run of the whole model takes minutes a step).
   llama3.2-1b   hidden 2048, 32 heads, 8 KV heads, MLP 8192, 128,256 vocabulary (Llama 3's), tied; 4 of its 16 layers.
+Data: the real cleaned Alpaca sample; and on the Qwen3 shape also the project's two-turn conversations
+(data/chat_sample.jsonl, ChatML, loss on the assistant turns only): the "qwen3-0.6b chat" rows.
 
-Paths, each in a fresh process (peak memory its own; glibc's mmap threshold fixed at 128 KB so that peak RSS follows
-live tensors): ours (packing, the LM head only at response positions, in chunks: train_throughput.py's worker), the
+Paths: ours (packing, the LM head only at response positions, in chunks: train_throughput.py's worker), the
 standard path (padded, full logits: the same worker), and TRL's SFTTrainer at its best settings for this job:
 padding-free (a micro-batch's examples end to end, position ids restarting at each), loss on the response only, its
 fused chunked LM head, the same LoRA (r=8 on q,v, alpha 16, dropout 0.05), global batch, micro-batch, learning rate,
-schedule and steps, bf16 where it is fast. TRL gets ours' tokenized examples (the cleaned Alpaca sample, the same
-split, truncation and targets), so both train the same tokens; held-out loss per response token after the last step
-(the order of examples differs: each trainer shuffles with its own generator). Tokens per second leave out the first step. Prints a table and writes
+schedule and steps, bf16 where it is fast. TRL gets ours' tokenized examples (the same split, truncation and targets),
+so both train the same tokens; held-out loss per response token after the last step (the order of examples differs:
+each trainer shuffles with its own generator).
+
+Each path runs twice, each time in a fresh process: a speed run (the default allocator; tokens per second leave out
+the first step) and a memory run (glibc's mmap threshold fixed at 128 KB so that peak RSS follows live tensors
+rather than what the allocator kept; 3 steps; slower, so not timed). Peak memory is resident memory above what the
+process held after importing the libraries; TRL's is read before its evaluation, which takes all held-out rows in one
+batch so that its loss is per token like the others'. MFU (ours): useful FLOPs per second (4 x decoder parameters
+per real token, attention, and 4 x hidden x vocabulary per target token: forward and backward to the activations, the
+base being frozen) over the best large bf16 matmul measured here, before and after the runs. Prints a table and writes
 bench/results/modern_shapes.json.
 """
 
@@ -48,6 +57,8 @@ SHAPES = {
                                   intermediate_size=8192, vocab_size=128_256, tie_word_embeddings=True), "llama-bpe"),
 }
 LORA = dict(r=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"])
+# run name -> (shape, data, chat template, held-out rows, steps): the conversations are 88 rows, 4 steps of 16 after 24
+CHAT_RUN = ("qwen3-0.6b", REPO / "data" / "chat_sample.jsonl", "chatml", 24, 4)
 
 
 def build(name: str) -> Path:
@@ -97,7 +108,7 @@ def trl_worker(args) -> None:
     # exactly ours' examples: the same split, tokens, truncation at cutoff and targets (train() with seed 0)
     data = load_training_data(TrainConfig(base_model=args.base, data_path=args.data, output_dir=args.output_dir,
                                           val_set_size=args.val_rows, cutoff_len=args.cutoff, seed=0,
-                                          tokenized_cache_dir="").validated())
+                                          chat_template=args.chat_template or "", tokenized_cache_dir="").validated())
 
     def as_dataset(examples):  # TRL's pre-tokenized form: labels unshifted, -100 where no loss
         return Dataset.from_list([{"input_ids": e.input_ids.tolist(), "labels": [IGNORE_INDEX] + [
@@ -129,26 +140,30 @@ def trl_worker(args) -> None:
     started = time.perf_counter()
     trainer.train()
     (first, tokens_first), (last, tokens_last) = steps[0], steps[-1]
+    training_peak = _memory_mb("VmHWM")  # before evaluation: it takes every held-out row in one batch
     eval_loss = trainer.evaluate()["eval_loss"]
     seconds = last - first
     print("RESULT " + json.dumps({
         "real_tokens_per_second": (tokens_last - tokens_first) / seconds, "seconds_per_step": seconds / (len(steps) - 1),
-        "first_step_seconds": first - started, "peak_rss_mb": _memory_mb("VmHWM"),
-        "peak_above_libraries_mb": _memory_mb("VmHWM") - libraries_rss, "eval_loss": eval_loss,
+        "first_step_seconds": first - started, "peak_rss_mb": training_peak,
+        "peak_above_libraries_mb": training_peak - libraries_rss, "eval_loss": eval_loss,
         "train_losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]}))
 
 
-def launch(args, path: str, shape: str, base: Path, data: Path) -> dict:
-    """One run in a fresh process: ours and standard through train_throughput.py's worker, TRL through ours here."""
-    common = ["--base", str(base), "--data", str(data), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
-              "--val_rows", str(args.val_rows), "--cutoff", str(args.cutoff), "--micro_batch", str(args.micro_batch),
-              "--dtype", args.dtype, "--output_dir", str(RESULTS / "runs" / f"modern-{shape}-{path}")]
+def launch(args, path: str, run: dict, memory: bool) -> dict:
+    """One run in a fresh process: ours and standard through train_throughput.py's worker, TRL through ours here.
+    memory: the live-memory run (see the docstring), else the speed run."""
+    steps = 3 if memory else run["steps"]
+    common = ["--base", str(run["base"]), "--data", str(run["data"]), "--steps", str(steps),
+              "--batch_size", str(args.batch_size), "--val_rows", str(run["val_rows"]), "--cutoff", str(args.cutoff),
+              "--micro_batch", str(args.micro_batch), "--dtype", args.dtype, "--chat_template", run["chat_template"],
+              "--output_dir", str(RESULTS / "runs" / f"modern-{run['name'].replace(' ', '-')}-{path}")]
     if path == "trl":
         command = [sys.executable, __file__, "--worker", *common]
     else:
         command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--worker", "--path", path, "--lora",
                    "qv-r8", "--checkpointing", "off", *common]
-    env = {**os.environ, "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": str(2 ** 17)}
+    env = {**os.environ, "WANDB_MODE": "disabled", **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 17)} if memory else {})}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     if completed.returncode or not lines:
@@ -156,61 +171,103 @@ def launch(args, path: str, shape: str, base: Path, data: Path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def useful_flops_per_second(measured: dict, base: Path, cutoff: int) -> float:
+    """The work any implementation of this step must do: 4 x decoder parameters per real token (forward, and
+    backward to the activations: the base is frozen), attention over half a typical example, and the LM head
+    (4 x hidden x vocabulary) per target token."""
+    config = json.loads((base / "config.json").read_text())
+    h, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    per_layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * config["intermediate_size"]
+    attention = 4 * 2 * heads * head_dim * min(cutoff, 150) / 2  # QK^T and AV, forward and backward
+    decoder = config["num_hidden_layers"] * (4 * per_layer + attention)
+    return (measured["real_tokens_per_second"] * decoder
+            + measured["target_tokens_per_second"] * 4 * h * config["vocab_size"])
+
+
+def runs_wanted(args, data: Path) -> list[dict]:
+    wanted = [dict(name=shape, shape=shape, data=data, chat_template="", val_rows=args.val_rows, steps=args.steps)
+              for shape in args.shapes.split(",")]
+    shape, chat_data, chat_template, val_rows, steps = CHAT_RUN
+    if args.conversations and shape in args.shapes.split(","):
+        wanted.append(dict(name=f"{shape} chat", shape=shape, data=chat_data, chat_template=chat_template,
+                           val_rows=val_rows, steps=steps))
+    return wanted
+
+
 def run(args) -> None:
     from train_throughput import data_file, peak_matmul_flops
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = data_file()
     peak = peak_matmul_flops(args.dtype)
     print(f"peak matmul ({args.dtype}): {peak / 1e9:.0f} GFLOP/s", flush=True)
     report = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "dtype": args.dtype,
-              "steps": args.steps, "batch_size": args.batch_size, "micro_batch": args.micro_batch, "cutoff": args.cutoff,
-              "peak_flops": peak, "shapes": {}}
-    for shape in args.shapes.split(","):
-        base = build(shape)
-        runs = {path: [] for path in ("ours", "standard", "trl")}
-        for _ in range(args.repeats):
-            for path in runs:
-                measured = launch(args, path, shape, base, data)
-                runs[path].append(measured)
-                print(f"  {shape} {path}: " + (f"failed: {measured['failed']}" if "failed" in measured else
-                      f"{measured['real_tokens_per_second']:.0f} tokens/s, {measured['peak_rss_mb']:.0f} MB peak, "
-                      f"eval loss {measured['eval_loss']:.5f}"), flush=True)
-        report["shapes"][shape] = {path: max(done, key=lambda m: m.get("real_tokens_per_second", 0))
-                                   for path, done in runs.items()}
-        (RESULTS / "modern_shapes.json").write_text(json.dumps(report, indent=2))
+              "batch_size": args.batch_size, "micro_batch": args.micro_batch, "cutoff": args.cutoff, "runs": {}}
+    for wanted in runs_wanted(args, data_file()):
+        wanted["base"] = build(wanted["shape"])
+        # speed runs of ours and the standard path alternate, --repeats times (the fastest counts: on a shared
+        # machine interference only slows a run down); TRL, several times slower, runs once
+        speed = {path: [] for path in ("ours", "standard", "trl")}
+        for repeat in range(args.repeats):
+            for path in speed if repeat == 0 else ("ours", "standard"):
+                speed[path].append(launch(args, path, wanted, memory=False))
+        measured = {}
+        for path in speed:
+            fastest = max(speed[path], key=lambda m: m.get("real_tokens_per_second", 0))
+            live = launch(args, path, wanted, memory=True)
+            if "failed" not in fastest and "failed" not in live:
+                fastest["live_peak_above_libraries_mb"] = live["peak_above_libraries_mb"]
+                fastest["tokens_per_second_of_each_run"] = [m.get("real_tokens_per_second") for m in speed[path]]
+            measured[path] = fastest if "failed" not in live else live
+            print(f"  {wanted['name']} {path}: " + (f"failed: {measured[path]['failed']}" if "failed" in measured[path]
+                  else f"{fastest['real_tokens_per_second']:.0f} tokens/s, {live['peak_above_libraries_mb']:.0f} MB "
+                       f"live peak, eval loss {fastest['eval_loss']:.5f}"), flush=True)
+        report["runs"][wanted["name"]] = {"base": str(wanted["base"]), "data": str(wanted["data"]),
+                                          "steps": wanted["steps"], **measured}
+        (RESULTS / "modern_shapes.json").write_text(json.dumps(report, indent=2, default=str))
+    # the physical limit is the best this machine showed: measured again after the runs (the rate varies)
+    report["peak_flops"] = max(peak, peak_matmul_flops(args.dtype))
+    for name, measured in report["runs"].items():
+        if "failed" not in measured["ours"]:
+            measured["ours"]["mfu"] = useful_flops_per_second(measured["ours"], Path(measured["base"]),
+                                                              args.cutoff) / report["peak_flops"]
+    (RESULTS / "modern_shapes.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"peak matmul, best of before and after: {report['peak_flops'] / 1e9:.0f} GFLOP/s")
     print(table(report))
 
 
 def table(report: dict) -> str:
-    lines = ["| shape | path | real tokens/s | s/step | peak RSS MB | above libraries MB | eval loss | ours is |",
+    lines = ["| run | path | real tokens/s | s/step | live peak above libraries MB | eval loss | MFU | ours is |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for shape, paths in report["shapes"].items():
+    for name, paths in report["runs"].items():
         ours = paths["ours"]
-        for path, m in paths.items():
+        for path in ("ours", "standard", "trl"):
+            m = paths[path]
             if "failed" in m:
-                lines.append(f"| {shape} | {path} | failed: {m['failed']} | | | | | |")
+                lines.append(f"| {name} | {path} | failed: {m['failed']} | | | | | |")
                 continue
             versus = "" if path == "ours" or "failed" in ours else (
                 f"{ours['real_tokens_per_second'] / m['real_tokens_per_second']:.2f}x as fast, "
-                f"{ours['peak_above_libraries_mb'] / m['peak_above_libraries_mb']:.2f}x the memory")
-            lines.append(f"| {shape} | {path} | {m['real_tokens_per_second']:.0f} | {m['seconds_per_step']:.2f} | "
-                         f"{m['peak_rss_mb']:.0f} | {m['peak_above_libraries_mb']:.0f} | {m['eval_loss']:.5f} | {versus} |")
+                f"{ours['live_peak_above_libraries_mb'] / m['live_peak_above_libraries_mb']:.2f}x the memory")
+            mfu = f"{m['mfu']:.1%}" if "mfu" in m else ""
+            lines.append(f"| {name} | {path} | {m['real_tokens_per_second']:.0f} | {m['seconds_per_step']:.2f} | "
+                         f"{m['live_peak_above_libraries_mb']:.0f} | {m['eval_loss']:.5f} | {mfu} | {versus} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="speed runs of ours and the standard path each")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--micro_batch", type=int, default=4)
     parser.add_argument("--cutoff", type=int, default=256)
     parser.add_argument("--val_rows", type=int, default=32)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--conversations", type=int, default=1, help="1: also the conversation run on qwen3-0.6b")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("base", "data", "output_dir"):
+    for name in ("base", "data", "output_dir", "chat_template"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     trl_worker(arguments) if arguments.worker else run(arguments)

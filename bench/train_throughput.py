@@ -91,7 +91,7 @@ def worker(args) -> None:
     config = TrainConfig(
         base_model=args.base, data_path=args.data, output_dir=args.output_dir, overwrite_output_dir=True,  # scratch
         batch_size=args.batch_size, micro_batch_size=args.micro_batch, num_epochs=1, max_steps=args.steps,
-        cutoff_len=args.cutoff,
+        cutoff_len=args.cutoff, chat_template=args.chat_template or "",
         val_set_size=args.val_rows,
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
         save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",
@@ -381,7 +381,7 @@ if __name__ == "__main__":
     parser.add_argument("--only", default="8bit,4bit,bf16", help="with --gpu: which groups of runs (also: compile)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--torch_compile", action="store_true", help=argparse.SUPPRESS)
-    for name in ("path", "lora", "dtype", "base", "data", "output_dir", "checkpointing"):
+    for name in ("path", "lora", "dtype", "base", "data", "output_dir", "checkpointing", "chat_template"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--cutoff", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--micro_batch", type=int, default=4, help=argparse.SUPPRESS)

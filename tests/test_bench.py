@@ -69,3 +69,18 @@ def test_trl_trains_the_same_examples_as_ours(tiny_base, alpaca_file, tmp_path):
                                         if l.startswith("RESULT "))[len("RESULT "):])
     assert results["trl"]["eval_loss"] == pytest.approx(results["ours"]["eval_loss"], rel=1e-5)
     assert len(results["trl"]["train_losses"]) == 2 and results["trl"]["real_tokens_per_second"] > 0
+
+
+def test_modern_shapes_counts_the_useful_work_of_a_grouped_query_model(tmp_path):
+    """MFU's numerator for a Qwen3-0.6B-shaped config: q and o at heads x head_dim, k and v at the KV heads'."""
+    spec = importlib.util.spec_from_file_location("modern_shapes", REPO / "bench" / "modern_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+        num_hidden_layers=8, vocab_size=151_936)))
+    flops = module.useful_flops_per_second({"real_tokens_per_second": 100, "target_tokens_per_second": 50}, tmp_path,
+                                           cutoff=256)
+    per_layer = 1024 * 128 * (2 * 16 + 2 * 8) + 3 * 1024 * 3072  # 15,728,640 parameters
+    attention = 4 * 2 * 16 * 128 * 150 / 2
+    assert flops == pytest.approx(100 * 8 * (4 * per_layer + attention) + 50 * 4 * 1024 * 151_936)

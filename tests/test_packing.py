@@ -218,3 +218,42 @@ def test_flash_attention_one_row_logits_equal_alone(tiny_base, examples):
             alone = model(input_ids=torch.tensor([example.input_ids.tolist()], device="cuda"), use_cache=False).logits[0]
             torch.testing.assert_close(packed[start:start + len(example.input_ids)], alone, rtol=0.02, atol=0.02)
             start += len(example.input_ids)
+
+
+@pytest.mark.parametrize("dtype,cap", [(torch.float32, None), (torch.float32, 30.0), (torch.bfloat16, None)])
+def test_the_fused_softmax_cross_entropy_is_the_cross_entropy_and_its_gradient(dtype, cap):
+    """Compiled (as training runs it) and op by op, against autograd through F.cross_entropy: the summed loss
+    and d loss / d logits, fill rows (IGNORE_INDEX) adding nothing to the loss."""
+    from alpaca_lora.loss import fused_softmax_cross_entropy, soft_capped, softmax_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(48, 1000, generator=generator)).to(dtype)
+    targets = torch.randint(0, 1000, (48,), generator=generator)
+    targets[40:] = IGNORE_INDEX  # the filled-up end of a chunk
+    reference_logits = logits.float().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(soft_capped(reference_logits, cap), targets,
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+    reference.backward()
+    for function in (fused_softmax_cross_entropy, softmax_cross_entropy):
+        loss_only = function(logits, targets, cap, False)  # evaluation: the logits are left as they are
+        gradient = logits.clone()
+        loss = function(gradient, targets, cap, True)  # training: they become the gradient
+        assert loss.dtype == torch.float32 and loss_only == loss
+        torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(gradient[:40].float(), reference_logits.grad[:40],
+                                   **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)))
+    assert fused_softmax_cross_entropy.compiled is not None  # compiled here, not fallen back
+
+
+def test_where_torch_compile_fails_the_head_runs_op_by_op_and_says_so():
+    from alpaca_lora.loss import CompiledOrEager, softmax_cross_entropy
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+    fused = CompiledOrEager(softmax_cross_entropy)
+    fused.compiled = no_compiler
+    logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, IGNORE_INDEX])
+    with pytest.warns(UserWarning, match="softmax_cross_entropy runs uncompiled .*InvalidCxxCompiler: no working C"):
+        loss = fused(logits.clone(), targets, None, True)
+    assert fused.compiled is None
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
