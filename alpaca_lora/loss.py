@@ -17,6 +17,9 @@ from .data import IGNORE_INDEX
 
 LOGIT_CHUNK = 256  # most positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
 CHUNK_ROWS_STEP = 16
+# chunks of fewer logits run softmax_cross_entropy op by op: compiling costs a few seconds once per process, more
+# than a small vocabulary's chunks (a tiny test model's, 16 x 512) ever take
+COMPILE_FROM_LOGITS = 2 ** 20
 
 
 def head_chunk_rows(count: int) -> int:
@@ -148,7 +151,8 @@ class HeadCrossEntropy(torch.autograd.Function):
             chunk_targets = F.pad(targets[start:start + real], (0, rows - real), value=IGNORE_INDEX)
             logits = chunk_hidden @ weight_c.T
             # in training the logits become d loss / d logits; in evaluation the loss is all that is wanted
-            total += fused_softmax_cross_entropy(logits, chunk_targets, cap, ctx.needs_input_grad[0])
+            softmax_loss = fused_softmax_cross_entropy if logits.numel() >= COMPILE_FROM_LOGITS else softmax_cross_entropy
+            total += softmax_loss(logits, chunk_targets, cap, ctx.needs_input_grad[0])
             if ctx.needs_input_grad[0]:
                 grad_hidden[start:start + real] = (logits @ weight_c)[:real]
         ctx.save_for_backward(grad_hidden)
