@@ -145,13 +145,14 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=dtype)
         count, rows = len(targets), head_chunk_rows(len(targets))
+        # every chunk has the same shape, so one choice serves them all
+        softmax_loss = fused_softmax_cross_entropy if rows * len(weight) >= COMPILE_FROM_LOGITS else softmax_cross_entropy
         for start in range(0, count, rows):
             real = min(rows, count - start)  # the last chunk is filled up to `rows` with zero rows
             chunk_hidden = F.pad(hidden[start:start + real].to(dtype), (0, 0, 0, rows - real))
             chunk_targets = F.pad(targets[start:start + real], (0, rows - real), value=IGNORE_INDEX)
             logits = chunk_hidden @ weight_c.T
             # in training the logits become d loss / d logits; in evaluation the loss is all that is wanted
-            softmax_loss = fused_softmax_cross_entropy if logits.numel() >= COMPILE_FROM_LOGITS else softmax_cross_entropy
             total += softmax_loss(logits, chunk_targets, cap, ctx.needs_input_grad[0])
             if ctx.needs_input_grad[0]:
                 grad_hidden[start:start + real] = (logits @ weight_c)[:real]
