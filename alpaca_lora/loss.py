@@ -7,12 +7,12 @@ compares against.
 """
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .compiled import CompiledOrEager
 from .data import IGNORE_INDEX
 
 LOGIT_CHUNK = 256  # most positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
@@ -105,24 +105,6 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: floa
             gradient = gradient * (1 - capped_tanh.square())
         logits.copy_(gradient)
     return loss
-
-
-class CompiledOrEager:
-    """torch.compile(function), or the function itself where compiling fails here (no C++ compiler for a CPU
-    kernel, no Triton for a GPU one): same numbers, slower. Warns once."""
-
-    def __init__(self, function):
-        self.function, self.compiled = function, torch.compile(function, dynamic=True)
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as error:  # torch._dynamo.exc.BackendCompilerFailed and its kin
-                warnings.warn(f"{self.function.__name__} runs uncompiled (slower): torch.compile failed here: "
-                              f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
-                self.compiled = None
-        return self.function(*args)
 
 
 fused_softmax_cross_entropy = CompiledOrEager(softmax_cross_entropy)

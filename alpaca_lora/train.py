@@ -34,6 +34,7 @@ from .loss import LossModule, response_only_loss
 from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
                     load_model, load_tokenizer, set_pad_token, use_fast_lora_dropout)
 from .progress import ProgressReport, finish_wandb, start_wandb
+from .rms_norm import use_lean_rms_norm
 from .templates import load_template
 from .tokenized_cache import tokenize_rows_cached
 
@@ -248,6 +249,8 @@ def load_training_model(config: TrainConfig, device: torch.device) -> TrainingMo
                         use_rslora=config.use_rslora, gradient_checkpointing=checkpointing, quantization=quantization)
     if config.fast_lora_dropout:  # DoRA's forward is left to see the input in the dtype peft gives it
         use_fast_lora_dropout(model, keep_input_dtype=bf16 and not config.use_dora)
+    if config.lean_rms_norm:
+        use_lean_rms_norm(model)
     if config.torch_compile:
         model.get_base_model().get_decoder().compile(dynamic=True)
     gpu_memory_mb = {}

@@ -1,7 +1,8 @@
 """Every tested family (Llama 3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3), as a tiny random model with its real
 vocabulary and chat template: packing keeps examples apart (sliding windows included), the response-only head
-gives the model's own loss (tied embeddings and logit soft-capping included), LoRA finds the attention projections,
-8-bit, 4-bit and DoRA train, and one run trains, generates, serves a multi-turn chat and exports."""
+with the lean RMSNorm gives the model's own loss (tied embeddings and logit soft-capping included), LoRA finds the
+attention projections, 8-bit, 4-bit and DoRA train, and one run trains, generates, serves a multi-turn chat and
+exports."""
 
 import json
 
@@ -17,6 +18,7 @@ from alpaca_lora.export import ExportConfig, export
 from alpaca_lora.generate import Generator, Sampling
 from alpaca_lora.loss import padded_loss, response_only_loss
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer, set_pad_token
+from alpaca_lora.rms_norm import use_lean_rms_norm
 from alpaca_lora.server import Server
 from alpaca_lora.train import train
 
@@ -61,6 +63,12 @@ def _lora(folder, quantization=None, use_dora=False, target_modules=None):
     return model
 
 
+def _use_lean_norms(model) -> None:
+    """Every RMSNorm of the family is one LeanRMSNorm knows."""
+    norms = sum(type(module).__name__.endswith("RMSNorm") for module in model.modules())
+    assert use_lean_rms_norm(model) == norms > 0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_packed_example_gets_the_logits_it_gets_alone(family, family_base, family_examples):
     from transformers import AutoModelForCausalLM
@@ -94,6 +102,7 @@ def test_the_response_only_head_gives_the_models_own_loss_and_gradients(family, 
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     standard_loss, standard_grads = loss_and_grads(padded_loss, pad_collate(examples, tokenizer.pad_token_id))
+    _use_lean_norms(model)  # ours, as training runs it
     loss, grads = loss_and_grads(response_only_loss, packed_collate([examples[:2], examples[2:]], tokenizer.pad_token_id))
     torch.testing.assert_close(loss, standard_loss, rtol=1e-5, atol=0)
     for name in grads:
@@ -136,6 +145,7 @@ def test_8bit_4bit_and_dora_train_the_adapter(family, variant, family_base, fami
     tokenizer, _, examples = family_examples(family)
     quantization = None if variant == "dora" else variant
     model = _lora(family_base(family), quantization=quantization, use_dora=variant == "dora")
+    _use_lean_norms(model)
     loss = response_only_loss(model, packed_collate([examples], tokenizer.pad_token_id))
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]

@@ -249,7 +249,8 @@ def test_the_fused_softmax_cross_entropy_is_the_cross_entropy_and_its_gradient(d
 
 
 def test_where_torch_compile_fails_the_head_runs_op_by_op_and_says_so():
-    from alpaca_lora.loss import CompiledOrEager, softmax_cross_entropy
+    from alpaca_lora.compiled import CompiledOrEager
+    from alpaca_lora.loss import softmax_cross_entropy
 
     def no_compiler(*args):
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
