@@ -43,9 +43,10 @@ class TrainConfig:
     fast_lora_dropout: bool = field(default=True, metadata={
         "help": "LoRA dropout from 16-bit random draws with a bool mask, input left in the autocast dtype (3x faster "
                 "than peft's on a CPU, less memory; p rounded to 1/65536); False: peft's nn.Dropout"})
-    lean_rms_norm: bool = field(default=True, metadata={
-        "help": "RMSNorm keeping its input as it comes and one fp32 number per row for backward, not an fp32 copy "
-                "(less memory; one compiled kernel each way on large inputs); False: transformers' own"})
+    lean_activations: bool = field(default=True, metadata={
+        "help": "RMSNorms and gated MLPs keep only their inputs for backward (the norm also one fp32 number per row), "
+                "not fp32 copies and the activation's output: less memory, one compiled kernel each way on large "
+                "inputs; False: transformers' own"})
     lora_target_modules: object = field(default=None, metadata={
         "help": "linear layers to adapt, e.g. '[q_proj,v_proj]', or all-linear; default: q_proj,v_proj, or the fused "
                 "qkv_proj where the model has one (Phi-3)"})
@@ -120,7 +121,7 @@ class TrainConfig:
         if c.learning_rate == 0:
             raise ValueError("--learning_rate 0: must be positive, e.g. 3e-4")
         for name in ("overwrite_output_dir", "train_on_inputs", "add_eos_token", "group_by_length", "load_4bit", "use_dora", "use_rslora",
-                     "skip_bad_rows", "packing", "torch_compile", "fast_lora_dropout", "lean_rms_norm"):
+                     "skip_bad_rows", "packing", "torch_compile", "fast_lora_dropout", "lean_activations"):
             if not isinstance(getattr(c, name), bool):
                 raise ValueError(f"--{name} {getattr(c, name)!r}: must be True or False")
         for name in ("load_8bit", "bf16", "gradient_checkpointing"):

@@ -30,6 +30,7 @@ from .chat_template import ChatTemplate, chat_template_for, end_of_turn_ids
 from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, is_conversation, load_rows, rendering_problem,
                    split_rows, validate_rows)
 from .evaluation import evaluate_loss
+from .gated_mlp import use_lean_gated_mlp
 from .loss import LossModule, response_only_loss
 from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
                     load_model, load_tokenizer, set_pad_token, use_fast_lora_dropout)
@@ -249,8 +250,9 @@ def load_training_model(config: TrainConfig, device: torch.device) -> TrainingMo
                         use_rslora=config.use_rslora, gradient_checkpointing=checkpointing, quantization=quantization)
     if config.fast_lora_dropout:  # DoRA's forward is left to see the input in the dtype peft gives it
         use_fast_lora_dropout(model, keep_input_dtype=bf16 and not config.use_dora)
-    if config.lean_rms_norm:
+    if config.lean_activations:
         use_lean_rms_norm(model)
+        use_lean_gated_mlp(model)
     if config.torch_compile:
         model.get_base_model().get_decoder().compile(dynamic=True)
     gpu_memory_mb = {}

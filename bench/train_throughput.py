@@ -95,8 +95,8 @@ def worker(args) -> None:
         val_set_size=args.val_rows,
         learning_rate=3e-4, warmup_steps=0, lora_dropout=0.05, logging_steps=1000, eval_steps=10_000,
         save_steps=10_000, seed=0, bf16={"bf16": True, "fp32": False}.get(args.dtype), packing=args.path == "ours",
-        # the standard path: peft's LoRA layer and transformers' RMSNorm as they come
-        fast_lora_dropout=args.path == "ours", lean_rms_norm=args.path == "ours",
+        # the standard path: peft's LoRA layer and transformers' norms and MLPs as they come
+        fast_lora_dropout=args.path == "ours", lean_activations=args.path == "ours",
         load_8bit=args.dtype == "8bit", load_4bit=args.dtype == "4bit",
         gradient_checkpointing={"on": True, "off": False}.get(args.checkpointing), torch_compile=args.torch_compile,
         **LORA[args.lora])

@@ -1,8 +1,8 @@
 """Every tested family (Llama 3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3), as a tiny random model with its real
 vocabulary and chat template: packing keeps examples apart (sliding windows included), the response-only head
-with the lean RMSNorm gives the model's own loss (tied embeddings and logit soft-capping included), LoRA finds the
-attention projections, 8-bit, 4-bit and DoRA train, and one run trains, generates, serves a multi-turn chat and
-exports."""
+with the lean norms and MLPs gives the model's own loss (tied embeddings and logit soft-capping included), LoRA
+finds the attention projections, 8-bit, 4-bit and DoRA train, and one run trains, generates, serves a multi-turn chat
+and exports."""
 
 import json
 
@@ -15,6 +15,7 @@ from alpaca_lora.batching import packed_collate, pad_collate
 from alpaca_lora.chat_template import end_of_turn_ids, load_chat_template, render
 from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
 from alpaca_lora.export import ExportConfig, export
+from alpaca_lora.gated_mlp import use_lean_gated_mlp
 from alpaca_lora.generate import Generator, Sampling
 from alpaca_lora.loss import padded_loss, response_only_loss
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer, set_pad_token
@@ -63,10 +64,11 @@ def _lora(folder, quantization=None, use_dora=False, target_modules=None):
     return model
 
 
-def _use_lean_norms(model) -> None:
-    """Every RMSNorm of the family is one LeanRMSNorm knows."""
+def _use_lean_activations(model) -> None:
+    """As training does; every RMSNorm and MLP of the family is one that LeanRMSNorm and LeanGated know."""
     norms = sum(type(module).__name__.endswith("RMSNorm") for module in model.modules())
-    assert use_lean_rms_norm(model) == norms > 0
+    mlps = sum(type(module).__name__.endswith("MLP") for module in model.modules())
+    assert use_lean_rms_norm(model) == norms > 0 and use_lean_gated_mlp(model) == mlps > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -102,7 +104,7 @@ def test_the_response_only_head_gives_the_models_own_loss_and_gradients(family, 
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     standard_loss, standard_grads = loss_and_grads(padded_loss, pad_collate(examples, tokenizer.pad_token_id))
-    _use_lean_norms(model)  # ours, as training runs it
+    _use_lean_activations(model)  # ours, as training runs it
     loss, grads = loss_and_grads(response_only_loss, packed_collate([examples[:2], examples[2:]], tokenizer.pad_token_id))
     torch.testing.assert_close(loss, standard_loss, rtol=1e-5, atol=0)
     for name in grads:
@@ -145,7 +147,7 @@ def test_8bit_4bit_and_dora_train_the_adapter(family, variant, family_base, fami
     tokenizer, _, examples = family_examples(family)
     quantization = None if variant == "dora" else variant
     model = _lora(family_base(family), quantization=quantization, use_dora=variant == "dora")
-    _use_lean_norms(model)
+    _use_lean_activations(model)
     loss = response_only_loss(model, packed_collate([examples], tokenizer.pad_token_id))
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
