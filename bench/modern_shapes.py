@@ -153,6 +153,8 @@ def trl_worker(args) -> None:
 def launch(args, path: str, run: dict, memory: bool) -> dict:
     """One run in a fresh process: ours and standard through train_throughput.py's worker, TRL through ours here.
     memory: the live-memory run (see the docstring), else the speed run."""
+    from train_throughput import run_worker
+
     steps = 3 if memory else run["steps"]
     common = ["--base", str(run["base"]), "--data", str(run["data"]), "--steps", str(steps),
               "--batch_size", str(args.batch_size), "--val_rows", str(run["val_rows"]), "--cutoff", str(args.cutoff),
@@ -163,26 +165,10 @@ def launch(args, path: str, run: dict, memory: bool) -> dict:
     else:
         command = [sys.executable, str(REPO / "bench" / "train_throughput.py"), "--worker", "--path", path, "--lora",
                    "qv-r8", "--checkpointing", "off", *common]
-    env = {**os.environ, "WANDB_MODE": "disabled", **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 17)} if memory else {})}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    if completed.returncode or not lines:
-        return {"failed": completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else "no result"}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def useful_flops_per_second(measured: dict, base: Path, cutoff: int) -> float:
-    """The work any implementation of this step must do: 4 x decoder parameters per real token (forward, and
-    backward to the activations: the base is frozen), attention over half a typical example, and the LM head
-    (4 x hidden x vocabulary) per target token."""
-    config = json.loads((base / "config.json").read_text())
-    h, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or h // heads
-    per_layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * config["intermediate_size"]
-    attention = 4 * 2 * heads * head_dim * min(cutoff, 150) / 2  # QK^T and AV, forward and backward
-    decoder = config["num_hidden_layers"] * (4 * per_layer + attention)
-    return (measured["real_tokens_per_second"] * decoder
-            + measured["target_tokens_per_second"] * 4 * h * config["vocab_size"])
+    result = run_worker(command, live_memory=memory)
+    if "failed" in result:  # its last line, for the table
+        result["failed"] = result["failed"].splitlines()[-1]
+    return result
 
 
 def runs_wanted(args, data: Path) -> list[dict]:
@@ -196,7 +182,7 @@ def runs_wanted(args, data: Path) -> list[dict]:
 
 
 def run(args) -> None:
-    from train_throughput import data_file, peak_matmul_flops
+    from train_throughput import data_file, peak_matmul_flops, useful_flops_per_second
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     peak = peak_matmul_flops(args.dtype)
@@ -229,8 +215,8 @@ def run(args) -> None:
     report["peak_flops"] = max(peak, peak_matmul_flops(args.dtype))
     for name, measured in report["runs"].items():
         if "failed" not in measured["ours"]:
-            measured["ours"]["mfu"] = useful_flops_per_second(measured["ours"], Path(measured["base"]),
-                                                              args.cutoff) / report["peak_flops"]
+            config = json.loads((Path(measured["base"]) / "config.json").read_text())
+            measured["ours"]["mfu"] = useful_flops_per_second(measured["ours"], args.cutoff, config) / report["peak_flops"]
     (RESULTS / "modern_shapes.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"peak matmul, best of before and after: {report['peak_flops'] / 1e9:.0f} GFLOP/s")
     print(table(report))

@@ -126,26 +126,29 @@ def _memory_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def _flops_per_position(cutoff: int, shape: dict) -> tuple[float, float]:
-    """(decoder work per position: 4 x decoder parameters + attention at the mean example length,
-    LM-head work per position that computes logits: 4 x hidden x vocab), forward and backward."""
-    h, layers, mlp, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], 32000
-    decoder_params = layers * (4 * h * h + 3 * h * mlp)
-    attention = layers * 4 * 2 * h * min(cutoff, 150) / 2  # QK^T and AV over ~half a typical example
-    return 4 * decoder_params + 4 * attention, 4 * h * vocab
+def flops_per_position(cutoff: int, shape: dict) -> tuple[float, float]:
+    """(decoder work per position, LM-head work per position that computes logits), forward and backward to the
+    activations (the base is frozen): 4 x each weight's parameters, q and o at heads x head_dim, k and v at the KV
+    heads' (a model's config.json or SHAPE; vocabulary 32,000 where the shape has none: LLaMA's), and attention's
+    six matmuls (QK^T and AV forward, four in backward) over half a typical example."""
+    h, heads = shape["hidden_size"], shape["num_attention_heads"]
+    kv_heads, head_dim = shape.get("num_key_value_heads", heads), shape.get("head_dim") or h // heads
+    per_layer = h * head_dim * (2 * heads + 2 * kv_heads) + 3 * h * shape["intermediate_size"]
+    attention = 6 * 2 * heads * head_dim * min(cutoff, 150) / 2
+    return shape["num_hidden_layers"] * (4 * per_layer + attention), 4 * h * shape.get("vocab_size", 32000)
 
 
 def useful_flops_per_second(measured: dict, cutoff: int, shape: dict = SHAPE) -> float:
     """The decoder at every real token and the LM head at every target token: the work any implementation
     of this training step must do."""
-    decoder, head = _flops_per_position(cutoff, shape)
+    decoder, head = flops_per_position(cutoff, shape)
     return measured["real_tokens_per_second"] * decoder + measured["target_tokens_per_second"] * head
 
 
 def performed_flops_per_real_token(measured: dict, cutoff: int, path: str) -> float:
     """The work a path does per real token: the decoder also at padding, the head at every position it
     computes logits for (all of them on the standard path, target positions on ours)."""
-    decoder, head = _flops_per_position(cutoff, SHAPE)
+    decoder, head = flops_per_position(cutoff, SHAPE)
     computed_per_real = 1 / (1 - measured["padding_fraction"])
     targets_per_real = measured["target_tokens_per_second"] / measured["real_tokens_per_second"]
     return decoder * computed_per_real + head * (computed_per_real if path == "standard" else targets_per_real)
@@ -253,11 +256,20 @@ def launch_worker(args, *, path, lora, cutoff, dtype, base, data, checkpointing=
                "--micro_batch", str(micro_batch), *(["--torch_compile"] if compiled else []),
                "--output_dir", str(RESULTS / "runs" / f"{lora}-{cutoff}-{dtype}-{path}-{checkpointing}"
                                                        f"-{live_memory}-{compiled}-{micro_batch}")]
+    result = run_worker(command, live_memory)
+    if "failed" in result:
+        sys.exit(f"bench: the {path} run of {lora} cutoff {cutoff} {dtype} failed:\n{result['failed']}")
+    return result
+
+
+def run_worker(command: list[str], live_memory: bool) -> dict:
+    """A worker's RESULT line, or {"failed": the end of its stderr}. live_memory: glibc's mmap threshold fixed at
+    128 KB, so that peak RSS follows live tensors rather than what the allocator kept."""
     env = {**os.environ, "WANDB_MODE": "disabled", **({"MALLOC_MMAP_THRESHOLD_": str(2 ** 17)} if live_memory else {})}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
     if completed.returncode or not lines:
-        sys.exit(f"bench: the {path} run of {lora} cutoff {cutoff} {dtype} failed:\n{completed.stderr[-3000:]}")
+        return {"failed": completed.stderr[-3000:].strip() or "no result"}
     return json.loads(lines[-1][len("RESULT "):])
 
 

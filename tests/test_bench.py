@@ -47,9 +47,10 @@ def test_best_settings_pick_each_paths_fastest_row_and_bound_the_speedup():
     assert (best["standard_micro_batch"], best["ours_micro_batch"]) == (1, 4)
     assert best["speedup"] == pytest.approx(1.4)
     # useful FLOPs per real token for the benchmark's model at cutoff 256, half the tokens with a target:
-    # decoder 4 x 25,296,896 parameters + attention 4 x 2,457,600, head 4 x 512 x 32,000 at half the tokens
-    useful = 4 * 25_296_896 + 4 * 2_457_600 + 0.5 * 4 * 512 * 32_000
-    assert best["speedup_ceiling"] == pytest.approx(400e9 / useful / 1000)  # 2.78x: the bf16 peak, all useful work
+    # decoder 4 x 25,296,896 parameters + attention 8 layers x 6 matmuls x 2 x 512 x 75, head 4 x 512 x 32,000 at
+    # half the tokens
+    useful = 4 * 25_296_896 + 8 * 6 * 2 * 512 * 75 + 0.5 * 4 * 512 * 32_000
+    assert best["speedup_ceiling"] == pytest.approx(400e9 / useful / 1000)  # 2.91x: the bf16 peak, all useful work
 
 
 def test_trl_trains_the_same_examples_as_ours(tiny_base, alpaca_file, tmp_path):
@@ -71,16 +72,17 @@ def test_trl_trains_the_same_examples_as_ours(tiny_base, alpaca_file, tmp_path):
     assert len(results["trl"]["train_losses"]) == 2 and results["trl"]["real_tokens_per_second"] > 0
 
 
-def test_modern_shapes_counts_the_useful_work_of_a_grouped_query_model(tmp_path):
-    """MFU's numerator for a Qwen3-0.6B-shaped config: q and o at heads x head_dim, k and v at the KV heads'."""
-    spec = importlib.util.spec_from_file_location("modern_shapes", REPO / "bench" / "modern_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
-        num_hidden_layers=8, vocab_size=151_936)))
-    flops = module.useful_flops_per_second({"real_tokens_per_second": 100, "target_tokens_per_second": 50}, tmp_path,
-                                           cutoff=256)
+def test_the_useful_work_of_a_grouped_query_model_and_of_the_32k_llama_shape():
+    """MFU's numerator, one count for both benchmarks: for a Qwen3-0.6B-shaped config q and o at heads x head_dim,
+    k and v at the KV heads'."""
+    throughput = _bench_module()
+    qwen3 = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                 num_hidden_layers=8, vocab_size=151_936)
+    flops = throughput.useful_flops_per_second({"real_tokens_per_second": 100, "target_tokens_per_second": 50},
+                                               256, qwen3)
     per_layer = 1024 * 128 * (2 * 16 + 2 * 8) + 3 * 1024 * 3072  # 15,728,640 parameters
-    attention = 4 * 2 * 16 * 128 * 150 / 2
+    attention = 6 * 2 * 16 * 128 * 150 / 2  # six [query x context] matmuls per head over 75 positions on average
     assert flops == pytest.approx(100 * 8 * (4 * per_layer + attention) + 50 * 4 * 1024 * 151_936)
+    # the 32K LLaMA shape: as many KV heads as heads, head_dim hidden / heads, LLaMA's vocabulary
+    decoder, head = throughput.flops_per_position(256, throughput.SHAPE)
+    assert (decoder, head) == (8 * (4 * (4 * 512 * 512 + 3 * 512 * 1376) + 6 * 2 * 512 * 75), 4 * 512 * 32000)
