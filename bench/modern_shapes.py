@@ -31,8 +31,6 @@ bench/results/modern_shapes.json.
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
