@@ -56,7 +56,8 @@ class LeanGated(torch.autograd.Function):
 
 
 def activation_name(act) -> str | None:
-    """"silu" or "gelu_tanh" for the activation modules transformers makes of those names; None for others."""
+    """The name LeanGated computes an activation module by: "silu" or "gelu_tanh" for the modules transformers makes
+    of those names, None for any other."""
     if type(act).__name__ in ("SiLU", "SiLUActivation"):
         return "silu"
     tanh_gelu = getattr(act, "act", None)  # transformers' GELUTanh: functools.partial(F.gelu, approximate="tanh")
