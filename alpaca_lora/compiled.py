@@ -1,4 +1,4 @@
-"""torch.compile for a plain tensor function, with the function itself as the fallback."""
+"""torch.compile for a plain tensor function, with the function itself for small inputs and as the fallback."""
 
 import warnings
 
@@ -6,14 +6,17 @@ import torch
 
 
 class CompiledOrEager:
-    """torch.compile(function), or the function itself where compiling fails here (no C++ compiler for a CPU
-    kernel, no Triton for a GPU one): same numbers, slower. Warns once."""
+    """torch.compile(function) where its first argument has at least `compile_from` elements; the function itself
+    for smaller ones (compiling costs seconds once per process, more than a tiny model's tensors ever take) and
+    wherever compiling fails here (no C++ compiler for a CPU kernel, no Triton for a GPU one): same numbers,
+    slower. Warns once."""
 
-    def __init__(self, function):
-        self.function, self.compiled = function, torch.compile(function, dynamic=True)
+    def __init__(self, function, compile_from: int):
+        self.function, self.compile_from = function, compile_from
+        self.compiled = torch.compile(function, dynamic=True)
 
     def __call__(self, *args):
-        if self.compiled is not None:
+        if self.compiled is not None and args[0].numel() >= self.compile_from:
             try:
                 return self.compiled(*args)
             except Exception as error:  # torch._dynamo.exc.BackendCompilerFailed and its kin

@@ -17,8 +17,6 @@ from .compiled import CompiledOrEager
 
 SEPARATE_PROJECTIONS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP"}
 FUSED_PROJECTIONS = {"Phi3MLP"}  # gate_up_proj, split in two
-# inputs of fewer elements run op by op: compiling costs seconds once per process, more than a tiny model's MLPs
-COMPILE_FROM_ELEMENTS = 2 ** 18
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -36,23 +34,21 @@ def gated_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
             grad * F.gelu(gate, approximate="tanh"))
 
 
-compiled_gated = CompiledOrEager(gated)
-compiled_gated_backward = CompiledOrEager(gated_backward)
+compiled_gated = CompiledOrEager(gated, compile_from=2 ** 18)
+compiled_gated_backward = CompiledOrEager(gated_backward, compile_from=2 ** 18)
 
 
 class LeanGated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
-        ctx.compiled = gate.numel() >= COMPILE_FROM_ELEMENTS
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
-        return (compiled_gated if ctx.compiled else gated)(gate, up, activation)
+        return compiled_gated(gate, up, activation)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        backward = compiled_gated_backward if ctx.compiled else gated_backward
-        return *backward(grad.contiguous(), gate, up, ctx.activation), None
+        return *compiled_gated_backward(grad.contiguous(), gate, up, ctx.activation), None
 
 
 def activation_name(act) -> str | None:

@@ -17,9 +17,6 @@ from .data import IGNORE_INDEX
 
 LOGIT_CHUNK = 256  # most positions per LM-head chunk: at most [256 x vocab] logits at once (on a CPU, faster than 1024)
 CHUNK_ROWS_STEP = 16
-# chunks of fewer logits run softmax_cross_entropy op by op: compiling costs a few seconds once per process, more
-# than a small vocabulary's chunks (a tiny test model's, 16 x 512) ever take
-COMPILE_FROM_LOGITS = 2 ** 20
 
 
 def head_chunk_rows(count: int) -> int:
@@ -107,7 +104,8 @@ def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: floa
     return loss
 
 
-fused_softmax_cross_entropy = CompiledOrEager(softmax_cross_entropy)
+# chunks of under a million logits (a small vocabulary's, such as a tiny test model's 16 x 512) run op by op
+fused_softmax_cross_entropy = CompiledOrEager(softmax_cross_entropy, compile_from=2 ** 20)
 
 
 class HeadCrossEntropy(torch.autograd.Function):
@@ -127,15 +125,13 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=dtype)
         count, rows = len(targets), head_chunk_rows(len(targets))
-        # every chunk has the same shape, so one choice serves them all
-        softmax_loss = fused_softmax_cross_entropy if rows * len(weight) >= COMPILE_FROM_LOGITS else softmax_cross_entropy
         for start in range(0, count, rows):
             real = min(rows, count - start)  # the last chunk is filled up to `rows` with zero rows
             chunk_hidden = F.pad(hidden[start:start + real].to(dtype), (0, 0, 0, rows - real))
             chunk_targets = F.pad(targets[start:start + real], (0, rows - real), value=IGNORE_INDEX)
             logits = chunk_hidden @ weight_c.T
             # in training the logits become d loss / d logits; in evaluation the loss is all that is wanted
-            total += softmax_loss(logits, chunk_targets, cap, ctx.needs_input_grad[0])
+            total += fused_softmax_cross_entropy(logits, chunk_targets, cap, ctx.needs_input_grad[0])
             if ctx.needs_input_grad[0]:
                 grad_hidden[start:start + real] = (logits @ weight_c)[:real]
         ctx.save_for_backward(grad_hidden)

@@ -18,8 +18,6 @@ from .compiled import CompiledOrEager
 # in fp32 and then casts, the others cast to the input's dtype and then scale by w
 NORM_OFFSETS = {"LlamaRMSNorm": 0.0, "MistralRMSNorm": 0.0, "Qwen2RMSNorm": 0.0, "Qwen3RMSNorm": 0.0,
                 "Phi3RMSNorm": 0.0, "Gemma2RMSNorm": 1.0, "Gemma3RMSNorm": 1.0}
-# inputs of fewer elements run op by op: compiling costs seconds once per process, more than a tiny model's norms
-COMPILE_FROM_ELEMENTS = 2 ** 18
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +38,8 @@ def rms_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
     return (rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
 
 
-compiled_rms_norm = CompiledOrEager(rms_norm)
-compiled_rms_norm_backward = CompiledOrEager(rms_norm_backward)
+compiled_rms_norm = CompiledOrEager(rms_norm, compile_from=2 ** 18)
+compiled_rms_norm_backward = CompiledOrEager(rms_norm_backward, compile_from=2 ** 18)
 
 
 class LeanRMSNorm(torch.autograd.Function):
@@ -49,8 +47,7 @@ class LeanRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        ctx.compiled = x.numel() >= COMPILE_FROM_ELEMENTS
-        y, rstd = (compiled_rms_norm if ctx.compiled else rms_norm)(x, weight, eps, offset)
+        y, rstd = compiled_rms_norm(x, weight, eps, offset)
         ctx.save_for_backward(x, rstd, weight)
         ctx.offset = offset
         return y
@@ -58,8 +55,7 @@ class LeanRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, rstd, weight = ctx.saved_tensors
-        backward = compiled_rms_norm_backward if ctx.compiled else rms_norm_backward
-        return backward(grad_y.contiguous(), x, rstd, weight, ctx.offset), None, None, None
+        return compiled_rms_norm_backward(grad_y.contiguous(), x, rstd, weight, ctx.offset), None, None, None
 
 
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ def test_lm_head_matmuls_see_a_few_shapes_whatever_the_target_count(monkeypatch)
     through the compiled softmax, as a large vocabulary's are."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr("alpaca_lora.loss.COMPILE_FROM_LOGITS", 0)
+    monkeypatch.setattr("alpaca_lora.loss.fused_softmax_cross_entropy.compile_from", 0)
 
     class MatmulShapes(TorchDispatchMode):
         def __init__(self):
@@ -224,11 +224,12 @@ def test_flash_attention_one_row_logits_equal_alone(tiny_base, examples):
 
 
 @pytest.mark.parametrize("dtype,cap", [(torch.float32, None), (torch.float32, 30.0), (torch.bfloat16, None)])
-def test_the_fused_softmax_cross_entropy_is_the_cross_entropy_and_its_gradient(dtype, cap):
+def test_the_fused_softmax_cross_entropy_is_the_cross_entropy_and_its_gradient(dtype, cap, monkeypatch):
     """Compiled (as training runs it) and op by op, against autograd through F.cross_entropy: the summed loss
     and d loss / d logits, fill rows (IGNORE_INDEX) adding nothing to the loss."""
     from alpaca_lora.loss import fused_softmax_cross_entropy, soft_capped, softmax_cross_entropy
 
+    monkeypatch.setattr(fused_softmax_cross_entropy, "compile_from", 0)
     generator = torch.Generator().manual_seed(0)
     logits = (4 * torch.randn(48, 1000, generator=generator)).to(dtype)
     targets = torch.randint(0, 1000, (48,), generator=generator)
@@ -254,7 +255,7 @@ def test_where_torch_compile_fails_the_head_runs_op_by_op_and_says_so():
 
     def no_compiler(*args):
         raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
-    fused = CompiledOrEager(softmax_cross_entropy)
+    fused = CompiledOrEager(softmax_cross_entropy, compile_from=0)
     fused.compiled = no_compiler
     logits, targets = torch.randn(4, 10), torch.tensor([1, 2, 3, IGNORE_INDEX])
     with pytest.warns(UserWarning, match="softmax_cross_entropy runs uncompiled .*InvalidCxxCompiler: no working C"):
