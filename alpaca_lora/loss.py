@@ -125,11 +125,14 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=dtype)
         count, rows = len(targets), head_chunk_rows(len(targets))
+        # one [rows x vocab] buffer for every chunk: on a CPU a fresh one (over glibc's 32 MB mmap ceiling) is
+        # mapped anew each time, and faulting its pages in cost half as long again as the matmul that fills it
+        logits = hidden.new_empty((rows, len(weight)), dtype=dtype)
         for start in range(0, count, rows):
             real = min(rows, count - start)  # the last chunk is filled up to `rows` with zero rows
             chunk_hidden = F.pad(hidden[start:start + real].to(dtype), (0, 0, 0, rows - real))
             chunk_targets = F.pad(targets[start:start + real], (0, rows - real), value=IGNORE_INDEX)
-            logits = chunk_hidden @ weight_c.T
+            torch.mm(chunk_hidden, weight_c.T, out=logits)
             # in training the logits become d loss / d logits; in evaluation the loss is all that is wanted
             total += fused_softmax_cross_entropy(logits, chunk_targets, cap, ctx.needs_input_grad[0])
             if ctx.needs_input_grad[0]:
