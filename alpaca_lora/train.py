@@ -31,6 +31,7 @@ from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, is_co
                    split_rows, validate_rows)
 from .evaluation import evaluate_loss
 from .gated_mlp import use_lean_gated_mlp
+from .grouped_attention import use_grouped_sdpa
 from .loss import LossModule, response_only_loss
 from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
                     load_model, load_tokenizer, set_pad_token, use_fast_lora_dropout)
@@ -244,7 +245,6 @@ def load_training_model(config: TrainConfig, device: torch.device) -> TrainingMo
     random.seed(config.seed)
     torch.manual_seed(config.seed)  # the same LoRA init and dropout masks on every run with this seed
     model = load_model(config.base_model, quantization, bf16, device, attention_implementation(device, bf16))
-    attention = model.config._attn_implementation
     model = attach_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         target_modules=config.lora_target_modules, use_dora=config.use_dora,
                         use_rslora=config.use_rslora, gradient_checkpointing=checkpointing, quantization=quantization)
@@ -253,6 +253,8 @@ def load_training_model(config: TrainConfig, device: torch.device) -> TrainingMo
     if config.lean_activations:
         use_lean_rms_norm(model)
         use_lean_gated_mlp(model)
+        use_grouped_sdpa(model.get_base_model())
+    attention = model.get_base_model().config._attn_implementation
     if config.torch_compile:
         model.get_base_model().get_decoder().compile(dynamic=True)
     gpu_memory_mb = {}

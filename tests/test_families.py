@@ -17,6 +17,7 @@ from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
 from alpaca_lora.export import ExportConfig, export
 from alpaca_lora.gated_mlp import use_lean_gated_mlp
 from alpaca_lora.generate import Generator, Sampling
+from alpaca_lora.grouped_attention import use_grouped_sdpa
 from alpaca_lora.loss import padded_loss, response_only_loss
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer, set_pad_token
 from alpaca_lora.rms_norm import use_lean_rms_norm
@@ -65,10 +66,13 @@ def _lora(folder, quantization=None, use_dora=False, target_modules=None):
 
 
 def _use_lean_activations(model) -> None:
-    """As training does; every RMSNorm and MLP of the family is one that LeanRMSNorm and LeanGated know."""
+    """As training does; every RMSNorm and MLP of the family is one that LeanRMSNorm and LeanGated know, and every
+    family on SDPA (all but Gemma 2, whose attention logits are capped) passes its grouped key/value heads through."""
     norms = sum(type(module).__name__.endswith("RMSNorm") for module in model.modules())
     mlps = sum(type(module).__name__.endswith("MLP") for module in model.modules())
     assert use_lean_rms_norm(model) == norms > 0 and use_lean_gated_mlp(model) == mlps > 0
+    base = model.get_base_model()
+    assert use_grouped_sdpa(base) == (base.config.model_type != "gemma2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
