@@ -41,8 +41,9 @@ class TrainConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     fast_lora_dropout: bool = field(default=True, metadata={
-        "help": "LoRA dropout from 16-bit random draws with a bool mask, input left in the autocast dtype (3x faster "
-                "than peft's on a CPU, less memory; p rounded to 1/65536); False: peft's nn.Dropout"})
+        "help": "LoRA dropout from 16-bit random draws with a bool mask, inside lora_A so that its dropped input "
+                "is not kept, input left in the autocast dtype (3x faster than peft's on a CPU, less memory; p "
+                "rounded to 1/65536); False: peft's nn.Dropout"})
     lean_activations: bool = field(default=True, metadata={
         "help": "RMSNorms and gated MLPs keep only their inputs for backward (the norm also one fp32 number per row), "
                 "not fp32 copies and the activation's output, and on a CPU grouped key/value heads reach SDPA "

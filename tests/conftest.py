@@ -95,6 +95,15 @@ def tiny_config(base, data, out, **overrides):
     return TrainConfig(**{**settings, **overrides})
 
 
+def nudge_lora_b(peft_model, scale: float = 0.05):
+    """lora_B starts at zero, which would hide wrong lora_A gradients: give it seeded values. Returns the model."""
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    return peft_model
+
+
 def losses(history):
     return [record["loss"] for record in history]
 

@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 import torch
-from conftest import FAMILIES, chat_template_path, conversations, supports_system, tiny_config
+from conftest import FAMILIES, chat_template_path, conversations, nudge_lora_b, supports_system, tiny_config
 
 from alpaca_lora.batching import packed_collate, pad_collate
 from alpaca_lora.chat_template import end_of_turn_ids, load_chat_template, render
@@ -58,11 +58,7 @@ def _lora(folder, quantization=None, use_dora=False, target_modules=None):
     model = attach_lora(load_model(str(folder), quantization, False, CPU), r=4, alpha=8, dropout=0.0,
                         target_modules=target_modules, use_dora=use_dora, use_rslora=False,
                         gradient_checkpointing=False, quantization=quantization)
-    with torch.no_grad():  # lora_B starts at zero; give the adapter an effect so that the gradients test something
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-    return model
+    return nudge_lora_b(model)
 
 
 def _use_lean_activations(model) -> None:

@@ -3,6 +3,7 @@ gradients as transformers' SDPA path and exactly the copies' bytes fewer kept fo
 
 import numpy as np
 import torch
+from conftest import nudge_lora_b
 
 from alpaca_lora.batching import packed_collate
 from alpaca_lora.data import IGNORE_INDEX, Example
@@ -15,13 +16,9 @@ CPU = torch.device("cpu")
 
 def _model(folder):
     torch.manual_seed(0)
-    model = attach_lora(load_model(str(folder), None, False, CPU), r=4, alpha=8, dropout=0.0, target_modules=None,
-                        use_dora=False, use_rslora=False, gradient_checkpointing=False, quantization=None)
-    with torch.no_grad():  # lora_B starts at zero; give the adapter an effect so that its gradients test something
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-    return model
+    return nudge_lora_b(attach_lora(load_model(str(folder), None, False, CPU), r=4, alpha=8, dropout=0.0,
+                                    target_modules=None, use_dora=False, use_rslora=False,
+                                    gradient_checkpointing=False, quantization=None))
 
 
 def _packed_batch():

@@ -4,11 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICES
+from conftest import DEVICES, nudge_lora_b
 
 from alpaca_lora import model as model_module
-from alpaca_lora.model import (LoraInputDropout, attach_lora, fast_bf16_available, load_model, load_tokenizer,
-                                use_fast_lora_dropout)
+from alpaca_lora.model import (DroppedLinear, LoraInputDropout, attach_lora, fast_bf16_available, load_model,
+                                load_tokenizer, use_fast_lora_dropout)
 
 CPU = torch.device("cpu")
 HAS_AVX512_BF16 = "avx512_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
@@ -29,9 +29,9 @@ def test_missing_base_model_folder_is_named(tmp_path):
         load_model("./absent", None, False, CPU)
 
 
-def _lora(model, dropout=0.0, targets=("q_proj", "v_proj"), quantization=None, checkpointing=False):
+def _lora(model, dropout=0.0, targets=("q_proj", "v_proj"), quantization=None, checkpointing=False, use_dora=False):
     torch.manual_seed(0)
-    return attach_lora(model, r=4, alpha=8, dropout=dropout, target_modules=list(targets), use_dora=False,
+    return attach_lora(model, r=4, alpha=8, dropout=dropout, target_modules=list(targets), use_dora=use_dora,
                        use_rslora=False, gradient_checkpointing=checkpointing, quantization=quantization)
 
 
@@ -42,17 +42,9 @@ def _lora_grads(peft_model, input_ids):
     return {n: None if p.grad is None else p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
 
-def _nudge_lora_b(peft_model):
-    """lora_B starts at zero, which would hide wrong A gradients; give it values."""
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-
-
 def _grads_after_an_eval_pass(tiny_base, device=CPU):
     peft_model = _lora(load_model(str(tiny_base), "4bit", False, device), quantization="4bit")
-    _nudge_lora_b(peft_model)
+    nudge_lora_b(peft_model, scale=0.02)
     input_ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     before = _lora_grads(peft_model, input_ids)
     peft_model.eval()
@@ -87,7 +79,7 @@ def test_8bit_base_trains_its_lora_weights(tiny_base, device):
     base = load_model(str(tiny_base), "8bit", False, torch.device(device))
     assert type(base.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     peft_model = _lora(base, quantization="8bit")
-    _nudge_lora_b(peft_model)
+    nudge_lora_b(peft_model, scale=0.02)
     input_ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     grads = _lora_grads(peft_model, input_ids)
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
@@ -130,29 +122,47 @@ def test_fast_lora_dropout_drops_p_of_every_element_position_and_scales_the_rest
         assert abs(dropped.flatten().view(-1, 4)[:, lane].float().mean().item() - dropout.p) < 1e-3
     assert torch.equal(out[~dropped], x[~dropped] * dropout.scale)
     torch.manual_seed(0)
-    assert torch.equal(dropout(x), out)  # the seed decides the mask, as for torch's dropout
+    assert torch.equal(dropout(x), out)  # the global seed decides the mask, as for torch's dropout
     assert not torch.equal(dropout(x), out)
+    torch.manual_seed(0)
+    assert torch.equal(dropout.keep_mask(x), ~dropped)
     assert dropout.eval()(x) is x
     assert LoraInputDropout(0.999999).p == 65535 / 65536  # --lora_dropout takes any p below 1; never 1/0
 
 
-def test_fast_lora_dropout_keeps_only_a_bool_mask_for_its_gradient():
+def test_dropped_linear_keeps_its_input_and_mask_and_gives_the_unfused_gradients():
+    """lora_A(dropout(x)) fused keeps x, shared by the projections that read it, and each one's bool mask; its
+    output and gradients are those of dropping x and then applying the linear layer, under bf16 autocast and in
+    fp32."""
     dropout = LoraInputDropout(0.1).train()
-    x = (torch.rand(64, 512) + 0.5).to(torch.bfloat16).requires_grad_()
-    with _saved_for_backward() as saved:
-        out = dropout(x)
-    assert [t.dtype for t in saved] == [torch.bool] and saved[0].shape == x.shape
-    grad = torch.randn(x.shape).to(torch.bfloat16)
-    out.backward(grad)
-    assert torch.equal(x.grad, torch.where(out != 0, grad * dropout.scale, 0))
+    for dtype, autocast in ((torch.bfloat16, True), (torch.float32, False)):
+        x = (torch.rand(3, 40, 64) + 0.5).to(dtype).requires_grad_()
+        weight_q, weight_v = (torch.randn(8, 64, requires_grad=True) for _ in range(2))  # fp32, as peft keeps them
+        keep_q, keep_v = dropout.keep_mask(x), dropout.keep_mask(x)
+        grad = torch.randn(3, 40, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with _saved_for_backward() as saved:
+                out_q = DroppedLinear.apply(x, weight_q, keep_q, dropout.scale)
+                out_v = DroppedLinear.apply(x, weight_v, keep_v, dropout.scale)
+            kept = {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel()}
+            assert kept == {x.data_ptr(), keep_q.data_ptr(), keep_v.data_ptr()}
+            (out_q * grad).sum().backward()
+            out_v.sum().backward()
+            fused = (out_q, x.grad.clone(), weight_q.grad.clone(), weight_v.grad.clone())
+            x.grad = weight_q.grad = weight_v.grad = None
+            unfused_q = torch.nn.functional.linear(torch.where(keep_q, x * dropout.scale, 0), weight_q)
+            (unfused_q * grad).sum().backward()
+            torch.nn.functional.linear(torch.where(keep_v, x * dropout.scale, 0), weight_v).sum().backward()
+        for got, expected in zip(fused, (unfused_q, x.grad, weight_q.grad, weight_v.grad)):
+            assert got.dtype == expected.dtype and torch.equal(got, expected), dtype
 
 
 def test_fast_lora_dropout_under_autocast_gives_peft_s_computation_without_the_fp32_copy(tiny_base):
     """Under bf16 autocast peft copies each LoRA input to fp32 and torch's dropout keeps an fp32 mask; with
-    use_fast_lora_dropout the input stays bf16. Dropout off, the layer's output is bit for bit peft's; on,
-    it is base + B(A(dropped input)) * scaling with the mask the same seed draws."""
+    use_fast_lora_dropout the input stays bf16 and it and a bool mask are all that is kept. Dropout off, the layer's output is bit for
+    bit peft's; on, it is base + B(A(dropped input)) * scaling with the mask the same seed draws."""
     stock = _lora(load_model(str(tiny_base), None, True, CPU), dropout=0.1)
-    _nudge_lora_b(stock)
+    nudge_lora_b(stock, scale=0.02)
     x = torch.randn(2, 16, stock.config.hidden_size).to(torch.bfloat16)
     layer = stock.base_model.model.model.layers[0].self_attn.q_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -163,18 +173,30 @@ def test_fast_lora_dropout_under_autocast_gives_peft_s_computation_without_the_f
         assert torch.float32 in {t.dtype for t in saved if t.numel() == x.numel()}  # peft's: an fp32 mask
 
         use_fast_lora_dropout(stock, keep_input_dtype=True)
-        assert all(type(m.lora_dropout["default"]) is LoraInputDropout for m in (layer, stock.base_model.model.model
-                                                                                  .layers[1].self_attn.v_proj))
+        for adapted in (layer, stock.base_model.model.model.layers[1].self_attn.v_proj):
+            assert type(adapted.lora_dropout["default"]) is torch.nn.Identity
+            assert type(adapted.lora_A["default"].input_dropout) is LoraInputDropout
         assert torch.equal(layer.eval()(x), expected_eval)
         layer.train()
         torch.manual_seed(3)
         with _saved_for_backward() as saved:
             out = layer(x)
-        assert {t.dtype for t in saved if t.numel() == x.numel()} <= {torch.bfloat16, torch.bool}
+        assert {t.dtype for t in saved if t.numel() == x.numel()} == {torch.bfloat16, torch.bool}
         torch.manual_seed(3)
-        dropped = layer.lora_dropout["default"](x)
-        expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](dropped)) * layer.scaling["default"]
+        lora_a = layer.lora_A["default"]
+        dropped = torch.where(lora_a.input_dropout.keep_mask(x), x * lora_a.input_dropout.scale, 0)
+        expected = (layer.base_layer(x) + layer.lora_B["default"](torch.nn.functional.linear(dropped, lora_a.weight))
+                    * layer.scaling["default"])
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_a_dora_layer_keeps_its_dropout_module(tiny_base):
+    """DoRA's forward takes the dropped input itself, so its dropout stays a module (the fast one)."""
+    peft_model = _lora(load_model(str(tiny_base), None, False, CPU), dropout=0.1, use_dora=True)
+    use_fast_lora_dropout(peft_model, keep_input_dtype=False)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.lora_dropout["default"]) is LoraInputDropout
+    assert not hasattr(layer.lora_A["default"], "input_dropout")
 
 
 def test_fast_lora_dropout_leaves_no_dropout_alone(tiny_base):
@@ -235,7 +257,7 @@ def test_quantized_lora_gradients_equal_those_of_the_dequantized_weights(tiny_ba
     input_ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     grads = {}
     for label, model in (("quantized", _lora(quantized, quantization=quantization)), ("reference", _lora(reference))):
-        _nudge_lora_b(model)
+        nudge_lora_b(model, scale=0.02)
         grads[label] = _lora_grads(model, input_ids)
     assert grads["quantized"].keys() == grads["reference"].keys() and len(grads["reference"]) == 8
     for name, expected in grads["reference"].items():
@@ -253,7 +275,7 @@ def test_gradient_checkpointing_keeps_the_lora_gradients_of_a_quantized_base(tin
     for checkpointing in (False, True):
         peft_model = _lora(load_model(str(tiny_base), quantization, False, torch.device(device)),
                            quantization=quantization, checkpointing=checkpointing)
-        _nudge_lora_b(peft_model)
+        nudge_lora_b(peft_model, scale=0.02)
         grads.append(_lora_grads(peft_model, input_ids))
     assert len(grads[1]) == 8 and all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
     for name, expected in grads[0].items():

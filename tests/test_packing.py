@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import DEVICES, losses, tiny_config
+from conftest import DEVICES, losses, nudge_lora_b, tiny_config
 
 from alpaca_lora.batching import packed_collate, pad_collate
 from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
@@ -60,11 +60,7 @@ def _lora_model(tiny_base, device, target_modules="all-linear"):
     model = attach_lora(load_model(str(tiny_base), None, False, torch.device(device)), r=4, alpha=8, dropout=0.0,
                         target_modules=target_modules, use_dora=False, use_rslora=False, gradient_checkpointing=False,
                         quantization=None)
-    with torch.no_grad():  # lora_B starts at zero; give the adapter an effect so the gradients test something
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-    return model
+    return nudge_lora_b(model)
 
 
 def _loss_and_grads(model, loss_sum, batch):
