@@ -173,7 +173,7 @@ class DroppedLinear(torch.autograd.Function):
     peft's LoRA layer keeps each adapted projection's dropped input (for lora_A's gradient) besides the mask:
     3 bytes an element in bf16, per projection. Here backward drops x again, so what is kept is the mask and x
     itself, which the projections reading the same input (q, k and v; gate and up) share: with LoRA on q and v,
-    4 bytes an element instead of 6 (15 MB a packed pass on the Qwen3-0.6B shape, 22 MB on Gemma-3-270M's).
+    4 bytes an element instead of 6 (14 MB a packed pass on the Qwen3-0.6B shape, 22 MB on Gemma-3-270M's).
     Forward and backward run the ops of the unfused layer in the same dtypes (autocast's, as in the forward), so
     the numbers are the same.
     """
@@ -207,10 +207,10 @@ def _dropped_lora_a_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_fast_lora_dropout(model, keep_input_dtype: bool) -> None:
-    """Move peft's LoRA dropout (torch's nn.Dropout) into lora_A as LoraInputDropout + DroppedLinear (or, for a
-    variant such as DoRA, swap it for LoraInputDropout); with
-    keep_input_dtype (under autocast) also stop peft copying each LoRA input to the adapter's fp32: autocast casts
-    it back to bf16 for the matmul anyway, so the copy only cost time and memory."""
+    """Move peft's LoRA dropout (torch's nn.Dropout) into lora_A as LoraInputDropout + DroppedLinear (for a variant
+    such as DoRA, swap it for LoraInputDropout); with keep_input_dtype (under autocast) also stop peft copying each
+    LoRA input to the adapter's fp32: autocast casts it back to bf16 for the matmul anyway, so the copy only cost
+    time and memory."""
     from peft.tuners.lora import LoraLayer
 
     for module in model.modules():
