@@ -130,6 +130,10 @@ def _keep_4bit_cpu_weights_unpacked(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _dropped(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.where(keep, x * scale, 0)
+
+
 class LoraInputDropout(torch.nn.Module):
     """Dropout on a LoRA layer's input, its random numbers drawn 16 bits per element, its mask kept as bool.
 
@@ -161,7 +165,7 @@ class LoraInputDropout(torch.nn.Module):
         if not self.training:
             return x
         # autograd saves the mask alone: the input's gradient is where(keep, grad * scale, 0)
-        return torch.where(self.keep_mask(x), x * self.scale, 0)
+        return _dropped(x, self.keep_mask(x), self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -184,12 +188,12 @@ class DroppedLinear(torch.autograd.Function):
         ctx.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.scale = scale
         ctx.save_for_backward(x, keep, weight)
-        return torch.nn.functional.linear(torch.where(keep, x * scale, 0), weight)  # under autocast, in its dtype
+        return torch.nn.functional.linear(_dropped(x, keep, scale), weight)  # under autocast, in its dtype
 
     @staticmethod
     def backward(ctx, grad_output):
         x, keep, weight = ctx.saved_tensors
-        dropped = torch.where(keep, x * ctx.scale, 0)
+        dropped = _dropped(x, keep, ctx.scale)
         dtype = ctx.autocast_dtype or torch.promote_types(dropped.dtype, weight.dtype)
         grad_output = grad_output.to(dtype)
         # [..., r] x [..., in] -> [r, in], and [..., r] x [r, in] -> [..., in]

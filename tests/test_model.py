@@ -159,8 +159,8 @@ def test_dropped_linear_keeps_its_input_and_mask_and_gives_the_unfused_gradients
 
 def test_fast_lora_dropout_under_autocast_gives_peft_s_computation_without_the_fp32_copy(tiny_base):
     """Under bf16 autocast peft copies each LoRA input to fp32 and torch's dropout keeps an fp32 mask; with
-    use_fast_lora_dropout the input stays bf16 and it and a bool mask are all that is kept. Dropout off, the layer's output is bit for
-    bit peft's; on, it is base + B(A(dropped input)) * scaling with the mask the same seed draws."""
+    use_fast_lora_dropout the input stays bf16 and it and a bool mask are all that is kept. Dropout off, the layer's
+    output is bit for bit peft's; on, it is base + B(A(dropped input)) * scaling with the mask the same seed draws."""
     stock = _lora(load_model(str(tiny_base), None, True, CPU), dropout=0.1)
     nudge_lora_b(stock, scale=0.02)
     x = torch.randn(2, 16, stock.config.hidden_size).to(torch.bfloat16)
