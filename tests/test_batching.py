@@ -94,7 +94,8 @@ def test_collate_gives_packed_rows_positions_and_padded_rows_a_mask(tiny_base):
     examples = tokenize_rows(rows, tokenizer, load_template("alpaca_short"), 256, False).examples
     n0, n1 = len(examples[0].input_ids), len(examples[1].input_ids)
     packed = collate([[0, 1]], examples, tokenizer.pad_token_id, PassLayout(2, 256, packing=True))
-    assert set(packed) == {"input_ids", "position_ids", "targets"} and packed["input_ids"].shape == (1, -(-(n0 + n1) // 8) * 8)
+    assert set(packed) == {"input_ids", "position_ids", "targets"} and packed["input_ids"].shape == (1, -(-(n0 + n1) // 64) * 64)
+    assert packed["position_ids"][0, n0 + n1:].tolist() == list(range(packed["input_ids"].shape[1] - n0 - n1))  # the filler: a segment of its own
     assert packed["position_ids"][0, :n0 + n1].tolist() == list(range(n0)) + list(range(n1))
     padded = collate([[0], [1]], examples, tokenizer.pad_token_id, PassLayout(2, 256, packing=False))
     assert set(padded) == {"input_ids", "attention_mask", "targets"}
