@@ -46,8 +46,10 @@ class TrainConfig:
                 "rounded to 1/65536); False: peft's nn.Dropout"})
     lean_activations: bool = field(default=True, metadata={
         "help": "RMSNorms and gated MLPs keep only their inputs for backward (the norm also one fp32 number per row), "
-                "not fp32 copies and the activation's output, and on a CPU grouped key/value heads reach SDPA "
-                "uncopied: less memory, one compiled kernel each way on large inputs; False: transformers' own"})
+                "not fp32 copies and the activation's output; on a CPU, attention in bf16 runs as matmuls with its "
+                "probabilities recomputed in backward (eager attention's numbers, faster than SDPA's kernel there), "
+                "and grouped key/value heads reach SDPA uncopied otherwise: less memory, one compiled kernel each "
+                "way on large inputs; False: transformers' own"})
     lora_target_modules: object = field(default=None, metadata={
         "help": "linear layers to adapt, e.g. '[q_proj,v_proj]', or all-linear; default: q_proj,v_proj, or the fused "
                 "qkv_proj where the model has one (Phi-3)"})

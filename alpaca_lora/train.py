@@ -31,7 +31,7 @@ from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, is_co
                    split_rows, validate_rows)
 from .evaluation import evaluate_loss
 from .gated_mlp import use_lean_gated_mlp
-from .grouped_attention import use_grouped_sdpa
+from .cpu_attention import use_cpu_sdpa
 from .loss import LossModule, response_only_loss
 from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
                     load_model, load_tokenizer, set_pad_token, use_fast_lora_dropout)
@@ -253,7 +253,7 @@ def load_training_model(config: TrainConfig, device: torch.device) -> TrainingMo
     if config.lean_activations:
         use_lean_rms_norm(model)
         use_lean_gated_mlp(model)
-        use_grouped_sdpa(model.get_base_model())
+        use_cpu_sdpa(model.get_base_model())
     attention = model.get_base_model().config._attn_implementation
     if config.torch_compile:
         model.get_base_model().get_decoder().compile(dynamic=True)

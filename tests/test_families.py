@@ -17,7 +17,7 @@ from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
 from alpaca_lora.export import ExportConfig, export
 from alpaca_lora.gated_mlp import use_lean_gated_mlp
 from alpaca_lora.generate import Generator, Sampling
-from alpaca_lora.grouped_attention import use_grouped_sdpa
+from alpaca_lora.cpu_attention import use_cpu_sdpa
 from alpaca_lora.loss import padded_loss, response_only_loss
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer, set_pad_token
 from alpaca_lora.rms_norm import use_lean_rms_norm
@@ -68,7 +68,7 @@ def _use_lean_activations(model) -> None:
     mlps = sum(type(module).__name__.endswith("MLP") for module in model.modules())
     assert use_lean_rms_norm(model) == norms > 0 and use_lean_gated_mlp(model) == mlps > 0
     base = model.get_base_model()
-    assert use_grouped_sdpa(base) == (base.config.model_type != "gemma2")
+    assert use_cpu_sdpa(base) == (base.config.model_type != "gemma2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -54,7 +54,7 @@ def test_imports_flow_one_way():
         "llama_layout": {"export", "gguf_export"}, "gguf_export": {"export"},
         "gguf_vocabulary": {"export", "gguf_export"}, "llama_cpp_checks": {"export", "gguf_export"}, "adapter_folder": {"train", "generate"},
         "rms_norm": {"model", "loss", "train"}, "compiled": {"loss", "rms_norm", "model", "train"},
-        "grouped_attention": {"model", "loss", "train"},
+        "cpu_attention": {"model", "loss", "train"},
     }
     wrong = {module: sorted(_reaches(graph, module) & banned) for module, banned in below.items()
              if _reaches(graph, module) & banned}

@@ -9,6 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from alpaca_lora.cpu_attention import CPU_SDPA
 from alpaca_lora.data import load_rows, split_rows, tokenize_rows, validate_rows
 from alpaca_lora.model import fast_bf16_available, load_tokenizer
 from alpaca_lora.templates import load_template
@@ -26,7 +27,7 @@ def test_training_writes_a_self_describing_adapter(tiny_base, alpaca_file, tmp_p
     assert summary["arguments"]["lora_r"] == 8 and summary["arguments"]["world_size"] == 1
     assert summary["data"]["rows"] == 48 and summary["data"]["train_rows"] == 40 and summary["data"]["validation_rows"] == 8
     assert len(summary["data"]["sha256"]) == 64
-    assert summary["steps"] == 10 and summary["precision"] == "fp32" and summary["attention"] == "sdpa"
+    assert summary["steps"] == 10 and summary["precision"] == "fp32" and summary["attention"] == CPU_SDPA
     assert summary["final_train_loss"] == result.history[-1]["loss"]
     assert summary["final_validation_loss"] == result.history[-1]["val_loss"] and "val_loss" in result.history[4]
     # the throughput is the real (unpadded) tokens of every step over the time the steps took
@@ -43,7 +44,7 @@ def test_training_writes_a_self_describing_adapter(tiny_base, alpaca_file, tmp_p
     assert logged == json.loads(json.dumps(result.history))
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_base}" in card and "CC BY-NC 4.0" in card and "hallucinate" in card
-    assert "fp32 on cpu (sdpa attention)" in card
+    assert f"fp32 on cpu ({CPU_SDPA} attention)" in card
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_base)
 
     weights = load_file(out / "adapter_model.safetensors")
