@@ -9,15 +9,16 @@ scaled, masked, softmax through fp32 back to bf16, times the values), in two mat
 scores recomputed): 30-40 ms. The query heads of a group share one matmul against their key/value head (`[rows, kv
 heads, group x queries, head_dim]`), so keys and values are never copied per query head and their gradients come
 out summed over the group. Backward keeps q, k, v and the mask, not the output and log-sum-exp SDPA's kernel keeps
-(one [tokens x heads x head_dim] tensor less a layer). Whole training steps, ours on the bench's modern shapes: 11%
-faster on Qwen3-0.6B's and 12% on Gemma-3-270M's, no change on Llama-3.2-1B's (32 heads of 64: more softmax per
-FLOP). The output is eager attention's to the bit (relative error against fp64 about 5e-3, where SDPA's kernel, which
-keeps the scores in fp32, has 2-4e-3: both bf16's rounding, 2^-8). In fp32 SDPA's kernel is faster and is kept.
+(one [tokens x heads x head_dim] tensor less a layer). Whole training steps on the bench's modern shapes, against
+SDPA's kernel in alternating runs: 5-11% faster on Qwen3-0.6B's, 6-20% on Gemma-3-270M's, within 3% either way on
+Llama-3.2-1B's (32 heads of 64: more softmax per FLOP). The output is eager attention's to the bit (relative error
+against fp64 about 5e-3, where SDPA's kernel, which keeps the scores in fp32, has 2-4e-3: both bf16's rounding,
+2^-8). In fp32 SDPA's kernel is faster and is kept.
 
-Otherwise, grouped heads: with a mask, transformers' SDPA path copies each key and value head once per query head in its
-group (repeat_kv) before calling the kernel, as CUDA's fast kernels take no mask with grouped heads, and autograd
-kept the copies (33 MB of a packed Qwen3-shaped pass's 355 MB). PyTorch's CPU kernel takes grouped heads with a mask
-(enable_gqa), so they pass through uncopied; the numbers are the same.
+Otherwise, grouped heads: with a mask, transformers' SDPA path copies each key and value head once per query head
+in its group (repeat_kv) before calling the kernel, as CUDA's fast kernels take no mask with grouped heads, and
+autograd kept the copies (33 MB of a packed Qwen3-shaped pass's 355 MB). PyTorch's CPU kernel takes grouped heads
+with a mask (enable_gqa), so they pass through uncopied; the numbers are the same.
 
 Elsewhere (a GPU, dropout, a position bias or a softcap, a query that may see no key) it is transformers' own SDPA
 attention unchanged.
@@ -61,7 +62,7 @@ class MatmulAttention(torch.autograd.Function):
             probabilities = _probabilities(block_query, key, blocked[:, :, queries], ctx.scale)
             grad_value += torch.matmul(probabilities.transpose(-1, -2), block_grad)
             grad_probabilities = torch.matmul(block_grad, value.transpose(-1, -2))
-            # softmax's backward: p * (dp - sum(dp * p)); then the scale the scores were multiplied by
+            # softmax's backward, p * (dp - sum(dp * p)), as autograd's own softmax node computes it; then the scale
             grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, probabilities.dtype)
             grad_scores.mul_(ctx.scale)
             grad_query[:, :, :, queries] = torch.matmul(grad_scores, key).view(grad_query[:, :, :, queries].shape)
@@ -77,6 +78,7 @@ def _by_group(tensor: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 def _query_blocks(query: torch.Tensor) -> list[slice]:
+    """Query positions a block at a time, each block's scores for every row and head within SCORES_PER_BLOCK."""
     rows, heads, length, _ = query.shape
     size = max(1, SCORES_PER_BLOCK // (rows * heads * length))
     return [slice(start, start + size) for start in range(0, length, size)]
