@@ -27,11 +27,11 @@ from .batching import PassLayout, StepPlan, collate, passes
 from .checkpoints import PREFIX, load_adapter_weights, load_checkpoint, resume_source, save_adapter_only, save_checkpoint
 from .config import TrainConfig
 from .chat_template import ChatTemplate, chat_template_for, end_of_turn_ids
+from .cpu_attention import use_cpu_sdpa
 from .data import (IGNORE_INDEX, LoadedRows, TokenizedSet, duplicate_rows, is_conversation, load_rows, rendering_problem,
                    split_rows, validate_rows)
 from .evaluation import evaluate_loss
 from .gated_mlp import use_lean_gated_mlp
-from .cpu_attention import use_cpu_sdpa
 from .loss import LossModule, response_only_loss
 from .model import (VARLEN_ATTENTION, attach_lora, attention_implementation, check_base_model, fast_bf16_available,
                     load_model, load_tokenizer, set_pad_token, use_fast_lora_dropout)

@@ -13,11 +13,11 @@ from conftest import FAMILIES, chat_template_path, conversations, nudge_lora_b, 
 
 from alpaca_lora.batching import packed_collate, pad_collate
 from alpaca_lora.chat_template import end_of_turn_ids, load_chat_template, render
+from alpaca_lora.cpu_attention import use_cpu_sdpa
 from alpaca_lora.data import IGNORE_INDEX, tokenize_rows
 from alpaca_lora.export import ExportConfig, export
 from alpaca_lora.gated_mlp import use_lean_gated_mlp
 from alpaca_lora.generate import Generator, Sampling
-from alpaca_lora.cpu_attention import use_cpu_sdpa
 from alpaca_lora.loss import padded_loss, response_only_loss
 from alpaca_lora.model import attach_lora, load_model, load_tokenizer, set_pad_token
 from alpaca_lora.rms_norm import use_lean_rms_norm
