@@ -132,16 +132,14 @@ def cpu_sdpa_attention(module, query, key, value, attention_mask, dropout: float
     if plain and query.dtype == torch.bfloat16 and dropout == 0.0:
         blocked = _blocked(module, query, key, attention_mask, is_causal)
         if blocked is not None:
-            output = MatmulAttention.apply(query, key, value, blocked, scale)
-            return output.transpose(1, 2).contiguous(), None
-    # a mask is given, so causality is in it (transformers also passes is_causal=False then)
+            return MatmulAttention.apply(query, key, value, blocked, scale).transpose(1, 2).contiguous(), None
     if plain and attention_mask is not None and getattr(module, "num_key_value_groups", 1) > 1:
+        # a mask is given, so causality is in it (transformers also passes is_causal=False then)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                 scale=scale, is_causal=False, enable_gqa=True)
-    else:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    return output.transpose(1, 2).contiguous(), None
+        return output.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
 
 
 def use_cpu_sdpa(model) -> bool:
