@@ -6,14 +6,22 @@ examples apart) ran a packed Qwen3-0.6B-shaped layer (4 rows of 256 tokens, 16 q
 at about 150 GFLOP/s, against 800 for a plain matmul on the same machine: 45-55 ms forward and backward.
 `MatmulAttention` computes what transformers' eager attention does, op for op in the same dtypes (scores in bf16,
 scaled, masked, softmax through fp32 back to bf16, times the values), in two matmuls forward and five backward (the
-scores recomputed): 30-40 ms. The query heads of a group share one matmul against their key/value head (`[rows, kv
-heads, group x queries, head_dim]`), so keys and values are never copied per query head and their gradients come
-out summed over the group. Backward keeps q, k, v and the mask, not the output and log-sum-exp SDPA's kernel keeps
-(one [tokens x heads x head_dim] tensor less a layer). Whole training steps on the bench's modern shapes, against
-SDPA's kernel in alternating runs: 5-11% faster on Qwen3-0.6B's, 6-20% on Gemma-3-270M's, within 3% either way on
-Llama-3.2-1B's (32 heads of 64: more softmax per FLOP). The output is eager attention's to the bit (relative error
-against fp64 about 5e-3, where SDPA's kernel, which keeps the scores in fp32, has 2-4e-3: both bf16's rounding,
-2^-8). In fp32 SDPA's kernel is faster and is kept.
+scores recomputed). The query heads of a group share one matmul against their key/value head (`[rows, kv heads,
+group x queries, head_dim]`), so keys and values are never copied per query head and their gradients come out
+summed over the group. Backward keeps q, k, v and the mask, not the output and log-sum-exp SDPA's kernel keeps (one
+[tokens x heads x head_dim] tensor less a layer). With all keys for every query this took 30-40 ms for that layer,
+and whole training steps on the bench's modern shapes, against SDPA's kernel in alternating runs, were 5-11% faster
+on Qwen3-0.6B's, 6-20% on Gemma-3-270M's, within 3% either way on Llama-3.2-1B's (32 heads of 64: more softmax per
+FLOP).
+
+Queries now go 128 at a time, each block against only the keys some query of it sees (`_tiles`): causal attention
+needs about half of a square's scores, and a packed row's later examples never look at its earlier ones. The
+skipped probabilities are exactly 0, so the output is the same. The layer takes 23-24 ms against 30-35, and whole
+steps in alternating runs: Qwen3 563 and 565 tokens/s against 523 and 512, Gemma 501 and 539 against 498 and 521,
+Llama the same within noise.
+
+The output is eager attention's to the bit (relative error against fp64 about 5e-3, where SDPA's kernel, which
+keeps the scores in fp32, has 2-4e-3: both bf16's rounding, 2^-8). In fp32 SDPA's kernel is faster and is kept.
 
 Otherwise, grouped heads: with a mask, transformers' SDPA path copies each key and value head once per query head
 in its group (repeat_kv) before calling the kernel, as CUDA's fast kernels take no mask with grouped heads, and
@@ -29,25 +37,36 @@ import torch.nn.functional as F
 
 CPU_SDPA = "sdpa_cpu"  # the name the model's config carries; its masks are SDPA's
 SCORES_PER_BLOCK = 2 ** 23  # the most scores (bf16: 16 MB) a block of queries makes at once
+QUERY_TILE = 128  # most queries a block; 64 was no faster on 256-token rows, 256 slower on 512 and 1024
+# a block's keys start and end at multiples of this: the matmuls then sum over the keys in the groups they would
+# over all of them, and the output is the untiled one's to the bit (a span from key 70 changed the last bit)
+KEY_ALIGN = 64
 
 
 class MatmulAttention(torch.autograd.Function):
     """softmax(q k^T * scale, masked) v for q [rows, heads, length, head_dim], k and v with heads / group heads,
     `blocked` True where a query may not see a key; recomputes the probabilities in backward.
 
-    Queries go a block at a time, so that the [block x length] scores stay within SCORES_PER_BLOCK however long
-    the rows (a packed pass of 4 rows of 256 tokens, 16 heads: one block).
+    Queries go a block at a time against the keys the block sees (`_tiles`): the scores stay within
+    SCORES_PER_BLOCK however long the rows, and blocked scores a whole block skips are never made (a packed pass of
+    4 rows of 256 tokens: two blocks, the first against the first 128 keys).
     """
 
     @staticmethod
     def forward(ctx, query, key, value, blocked, scale):
+        # the models hand key and value over as transposed views of [rows, length, heads, head_dim]; a block's
+        # keys of that layout would be copied for every matmul, in forward and again in backward
+        key, value = key.contiguous(), value.contiguous()
         by_group = _by_group(query, key)
         output = query.new_empty(by_group.shape)
-        for queries in _query_blocks(query):
-            probabilities = _probabilities(_stacked(by_group, queries), key, blocked[:, :, queries], scale)
-            output[:, :, :, queries] = torch.matmul(probabilities, value).view(output[:, :, :, queries].shape)
+        tiles = _tiles(query, blocked)
+        for queries, keys in tiles:
+            probabilities = _probabilities(_stacked(by_group, queries), key[:, :, keys], blocked[:, :, queries, keys],
+                                           scale)
+            output[:, :, :, queries] = torch.matmul(probabilities, value[:, :, keys]).view(
+                output[:, :, :, queries].shape)
         ctx.save_for_backward(query, key, value, blocked)
-        ctx.scale = scale
+        ctx.scale, ctx.tiles = scale, tiles
         return output.view(query.shape)
 
     @staticmethod
@@ -57,16 +76,18 @@ class MatmulAttention(torch.autograd.Function):
         grad_query = query.new_empty(by_group.shape)
         # summed over query blocks in fp32; over the group's query heads inside the matmuls
         grad_key, grad_value = torch.zeros_like(key, dtype=torch.float32), torch.zeros_like(value, dtype=torch.float32)
-        for queries in _query_blocks(query):
+        for queries, keys in ctx.tiles:
             block_query, block_grad = _stacked(by_group, queries), _stacked(grad_by_group, queries)
-            probabilities = _probabilities(block_query, key, blocked[:, :, queries], ctx.scale)
-            grad_value += torch.matmul(probabilities.transpose(-1, -2), block_grad)
-            grad_probabilities = torch.matmul(block_grad, value.transpose(-1, -2))
+            block_key, block_value = key[:, :, keys], value[:, :, keys]
+            probabilities = _probabilities(block_query, block_key, blocked[:, :, queries, keys], ctx.scale)
+            grad_value[:, :, keys] += torch.matmul(probabilities.transpose(-1, -2), block_grad)
+            grad_probabilities = torch.matmul(block_grad, block_value.transpose(-1, -2))
             # softmax's backward, p * (dp - sum(dp * p)), as autograd's own softmax node computes it; then the scale
             grad_scores = torch._softmax_backward_data(grad_probabilities, probabilities, -1, probabilities.dtype)
             grad_scores.mul_(ctx.scale)
-            grad_query[:, :, :, queries] = torch.matmul(grad_scores, key).view(grad_query[:, :, :, queries].shape)
-            grad_key += torch.matmul(grad_scores.transpose(-1, -2), block_query)
+            grad_query[:, :, :, queries] = torch.matmul(grad_scores, block_key).view(
+                grad_query[:, :, :, queries].shape)
+            grad_key[:, :, keys] += torch.matmul(grad_scores.transpose(-1, -2), block_query)
         return grad_query.view(query.shape), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
 
 
@@ -77,11 +98,24 @@ def _by_group(tensor: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(rows, key.shape[1], heads // key.shape[1], length, head_dim)
 
 
-def _query_blocks(query: torch.Tensor) -> list[slice]:
-    """Query positions a block at a time, each block's scores for every row and head within SCORES_PER_BLOCK."""
+def _tiles(query: torch.Tensor, blocked: torch.Tensor) -> list[tuple[slice, slice]]:
+    """(queries, keys): query positions QUERY_TILE at a time (fewer where the scores of every row and head would
+    pass SCORES_PER_BLOCK), each with the span of keys that some query of the block sees in some row.
+
+    The keys outside the span (widened to multiples of KEY_ALIGN) are blocked for the whole block, so their
+    scores need not be made: causal attention over 256 positions in tiles of 128 makes 3/4 of the scores, and a
+    packed row's later examples do not look back at the earlier ones. A query's probabilities over the span are
+    those over all keys (the rest are exp(-inf) = 0)."""
     rows, heads, length, _ = query.shape
-    size = max(1, SCORES_PER_BLOCK // (rows * heads * length))
-    return [slice(start, start + size) for start in range(0, length, size)]
+    size = max(1, min(QUERY_TILE, SCORES_PER_BLOCK // (rows * heads * length)))
+    seen = ~blocked[:, 0]  # [rows or 1, queries, keys]
+    tiles = []
+    for start in range(0, length, size):
+        queries = slice(start, start + size)
+        keys = seen[:, queries].any(1).any(0).nonzero()  # every query sees some key (_blocked)
+        first, end = int(keys[0]) // KEY_ALIGN * KEY_ALIGN, -(-(int(keys[-1]) + 1) // KEY_ALIGN) * KEY_ALIGN
+        tiles.append((queries, slice(first, min(end, length))))
+    return tiles
 
 
 def _stacked(by_group: torch.Tensor, queries: slice) -> torch.Tensor:

@@ -113,17 +113,59 @@ def _output_and_grads(attention, query, key, value, grad_output):
     return [output.detach()] + [tensor.grad for tensor in (query, key, value)]
 
 
-@pytest.mark.parametrize("scores_per_block", [2 ** 23, 100])  # one query block; 24 blocks of one query
-def test_matmul_attention_gives_sdpas_output_and_gradients_in_fp32(monkeypatch, scores_per_block):
+@pytest.mark.parametrize("scores_per_block, query_tile, tiles", [
+    (2 ** 23, 128, 1),  # one block against every key
+    (2 ** 23, 8, 3),  # three blocks of 8 queries, each against the keys it sees (test_tiles_skip_blocked_keys)
+    (100, 128, 24)])  # 24 blocks of one query
+def test_matmul_attention_gives_sdpas_output_and_gradients_in_fp32(monkeypatch, scores_per_block, query_tile, tiles):
     monkeypatch.setattr(cpu_attention, "SCORES_PER_BLOCK", scores_per_block)
+    monkeypatch.setattr(cpu_attention, "QUERY_TILE", query_tile)
+    monkeypatch.setattr(cpu_attention, "KEY_ALIGN", 1)
     query, key, value, mask, grad_output = _attention_inputs(torch.float32)
-    assert len(cpu_attention._query_blocks(query)) == (1 if scores_per_block > 2 * 4 * 24 * 24 else 24)
+    assert len(cpu_attention._tiles(query, ~mask)) == tiles
     ours = _output_and_grads(lambda q, k, v: MatmulAttention.apply(q, k, v, ~mask, 8 ** -0.5), query, key, value,
                              grad_output)
     sdpa = _output_and_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
                              query, key, value, grad_output)
     for got, expected in zip(ours, sdpa):
         assert (got - expected).norm() / expected.norm() < 1e-5
+
+
+def test_tiles_skip_blocked_keys(monkeypatch):
+    """Row 0's examples are positions 0-9, 10-18 and 19-23, row 1's 0-13, 14-19 and 20-23: queries 16-23 see
+    keys from 10 on (row 0's second example) and none before, causal blocks see no later keys."""
+    monkeypatch.setattr(cpu_attention, "QUERY_TILE", 8)
+    monkeypatch.setattr(cpu_attention, "KEY_ALIGN", 1)
+    query, _, _, mask, _ = _attention_inputs(torch.bfloat16)
+    assert cpu_attention._tiles(query, ~mask) == [(slice(0, 8), slice(0, 8)), (slice(8, 16), slice(0, 16)),
+                                                  (slice(16, 24), slice(10, 24))]
+    causal = torch.ones(24, 24, dtype=torch.bool).triu(1)[None, None]  # no mask: plain causal, broadcast over rows
+    assert [keys for _, keys in cpu_attention._tiles(query, causal)] == [slice(0, 8), slice(0, 16), slice(0, 24)]
+    monkeypatch.setattr(cpu_attention, "KEY_ALIGN", 4)  # spans widened to multiples of 4, within the row
+    assert [keys for _, keys in cpu_attention._tiles(query, ~mask)] == [slice(0, 8), slice(0, 16), slice(8, 24)]
+
+
+def test_tiled_bf16_attention_is_the_untiled_one(monkeypatch):
+    """A packed pass of 4 rows of 256 tokens, their second examples starting at keys 70, 75, 90 and 130: blocks
+    of 32 queries, their key spans aligned to 64. Keys a block skips add exactly zero, so the output and the query's
+    gradient are the untiled ones to the bit; the key's and value's are summed over blocks in fp32 before rounding
+    to bf16, so they agree to bf16's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(4, 256, heads, 16, generator=generator).to(torch.bfloat16).transpose(1, 2)
+                         .requires_grad_() for heads in (4, 2, 2))
+    grad_output = torch.randn(4, 4, 256, 16, generator=generator).to(torch.bfloat16)
+    example = torch.zeros(4, 256, dtype=torch.long)
+    for row, start in enumerate((70, 75, 90, 130)):
+        example[row, start:] = 1
+    blocked = ~((example[:, None, :, None] == example[:, None, None, :]) & torch.ones(256, 256).tril().bool())
+    attention = lambda q, k, v: MatmulAttention.apply(q, k, v, blocked, 16 ** -0.5)  # noqa: E731
+    whole = _output_and_grads(attention, query, key, value, grad_output)
+    monkeypatch.setattr(cpu_attention, "QUERY_TILE", 32)
+    assert [keys for _, keys in cpu_attention._tiles(query, blocked)][-1] == slice(64, 256)
+    tiled = _output_and_grads(attention, query, key, value, grad_output)
+    assert torch.equal(tiled[0], whole[0]) and torch.equal(tiled[1], whole[1])
+    for got, expected in zip(tiled[2:], whole[2:]):
+        assert 0 < (got.float() - expected.float()).norm() / expected.float().norm() < 4e-3
 
 
 def test_matmul_attention_is_eager_attention_in_bf16():
