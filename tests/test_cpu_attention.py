@@ -146,8 +146,8 @@ def test_tiles_skip_blocked_keys(monkeypatch):
 
 
 def test_tiled_bf16_attention_is_the_untiled_one(monkeypatch):
-    """A packed pass of 4 rows of 256 tokens, their second examples starting at keys 70, 75, 90 and 130: blocks
-    of 32 queries, their key spans aligned to 64. Keys a block skips add exactly zero, so the output and the query's
+    """A packed pass of 4 rows of 256 tokens, their second examples starting at positions 70, 75, 90 and 130: one
+    block of every query against every key, then blocks of 32 queries, their key spans aligned to 64. Keys a block skips add exactly zero, so the output and the query's
     gradient are the untiled ones to the bit; the key's and value's are summed over blocks in fp32 before rounding
     to bf16, so they agree to bf16's rounding."""
     generator = torch.Generator().manual_seed(0)
@@ -159,6 +159,8 @@ def test_tiled_bf16_attention_is_the_untiled_one(monkeypatch):
         example[row, start:] = 1
     blocked = ~((example[:, None, :, None] == example[:, None, None, :]) & torch.ones(256, 256).tril().bool())
     attention = lambda q, k, v: MatmulAttention.apply(q, k, v, blocked, 16 ** -0.5)  # noqa: E731
+    monkeypatch.setattr(cpu_attention, "QUERY_TILE", 256)
+    assert cpu_attention._tiles(query, blocked) == [(slice(0, 256), slice(0, 256))]
     whole = _output_and_grads(attention, query, key, value, grad_output)
     monkeypatch.setattr(cpu_attention, "QUERY_TILE", 32)
     assert [keys for _, keys in cpu_attention._tiles(query, blocked)][-1] == slice(64, 256)
